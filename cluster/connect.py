@@ -1,0 +1,91 @@
+"""Connect the driver to Ray: start an embedded local cluster, or join an existing one.
+
+    python -c "from cluster.connect import connect; from conf.schema import *; \
+        connect(ClusterConfig(), ScalingConfig())"
+
+Nothing here runs at import time. The embedded cluster binds to loopback on free ports
+(Ray picks the GCS port itself; it is never Redis's 6379).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from conf.schema import ClusterConfig, ConfigError, ScalingConfig
+
+# Environment every Ray worker gets: quiet, offline-friendly libraries.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GRAFT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_capacity(scaling: ScalingConfig, *, cpus: float, gpus: float, where: str) -> None:
+    need_cpus = scaling.num_workers * scaling.cpus_per_worker
+    need_gpus = scaling.num_workers * scaling.gpus_per_worker
+    if need_cpus > cpus:
+        raise ConfigError(
+            "scaling.num_workers",
+            f"{scaling.num_workers} workers x {scaling.cpus_per_worker} CPUs = {need_cpus} CPUs, but {where} has {cpus:g}",
+        )
+    if need_gpus > gpus:
+        raise ConfigError(
+            "scaling.gpus_per_worker",
+            f"{scaling.num_workers} workers x {scaling.gpus_per_worker} GPUs = {need_gpus} GPUs, but {where} has {gpus:g}",
+        )
+
+
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
+    """Start or join Ray; returns {"address", "dashboard"}. Checks the workers fit first
+    (embedded: before starting Ray; remote: right after connecting)."""
+    import ray
+
+    env = dict(WORKER_ENV, **{k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
+    if ray.is_initialized():  # a caller (a test, a notebook) already connected
+        resources = ray.cluster_resources()
+        check_capacity(scaling, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0), where="the Ray cluster")
+        return {"address": ray.get_runtime_context().gcs_address, "dashboard": ray.get_runtime_context().dashboard_url}
+    if cluster.address is None:
+        num_cpus = cluster.num_cpus or os.cpu_count() or 1
+        check_capacity(scaling, cpus=num_cpus, gpus=_local_gpus(), where=f"the embedded cluster (cluster.num_cpus={num_cpus})")
+        ctx = ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=cluster.dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=cluster.dashboard_port or free_port(),
+            log_to_driver=cluster.log_to_driver,
+            runtime_env={"env_vars": env},
+            logging_level="WARNING",
+        )
+    else:
+        try:
+            ctx = ray.init(address=cluster.address, log_to_driver=cluster.log_to_driver,
+                           runtime_env={"env_vars": env}, logging_level="WARNING")
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError or auth errors here
+            raise ConnectionError(
+                f"cluster.address: could not connect to Ray at {cluster.address!r}: {e}. "
+                "Check the address (host:port of the GCS, or ray://host:10001) and, with token auth, "
+                "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."
+            ) from None
+        resources = ray.cluster_resources()
+        check_capacity(scaling, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0),
+                       where=f"the cluster at {cluster.address}")
+    return {"address": ctx.address_info.get("gcs_address"), "dashboard": ctx.dashboard_url}

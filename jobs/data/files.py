@@ -1,0 +1,76 @@
+"""Readers for user data files: JSONL, CSV and plain text. Errors name the file and line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from conf.schema import ConfigError, DataConfig
+
+
+def _required_fields(cfg: DataConfig) -> tuple[str, ...]:
+    if cfg.task == "classification":
+        return (cfg.text_field, cfg.label_field)
+    if cfg.task == "instruction":
+        return (cfg.prompt_field, cfg.response_field)
+    return (cfg.text_field,)
+
+
+def _check_record(record: object, where: str, fields: tuple[str, ...]) -> dict[str, str]:
+    if not isinstance(record, dict):
+        raise ConfigError("data.path", f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [f for f in fields if f not in record or record[f] in (None, "")]
+    if missing:
+        raise ConfigError("data.path", f"{where}: missing field(s) {missing}; the record has {sorted(record)}")
+    return {f: str(record[f]) for f in fields}
+
+
+def read_jsonl(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
+    fields = _required_fields(cfg)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError("data.path", f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            records.append(_check_record(record, f"{path}:{lineno}", fields))
+    return records
+
+
+def read_csv(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
+    fields = _required_fields(cfg)
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not set(fields) <= set(reader.fieldnames):
+            raise ConfigError("data.path", f"{path}:1: header must name columns {list(fields)}, got {reader.fieldnames}")
+        # Line numbers count the header as line 1.
+        return [_check_record(row, f"{path}:{reader.line_num}", fields) for row in reader]
+
+
+def read_text(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
+    if cfg.task != "text":
+        raise ConfigError("data.path", f"{path}: a .txt file holds plain text; it needs data.task=text")
+    # Paragraphs; encoding later packs them into max_length blocks.
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    return [{cfg.text_field: p} for p in paragraphs if p]
+
+
+READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv, ".txt": read_text}
+
+
+def read(cfg: DataConfig) -> list[dict[str, str]]:
+    assert cfg.path is not None
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise ConfigError("data.path", f"{cfg.path} does not exist or is not a file")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ConfigError("data.path", f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}")
+    records = reader(path, cfg)
+    if not records:
+        raise ConfigError("data.path", f"{path} holds no examples")
+    return records

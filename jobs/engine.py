@@ -1,0 +1,69 @@
+"""DeepSpeed settings, derived in one place from the deepspeed/ and train groups.
+
+    python -c "from jobs.engine import deepspeed_config; from conf.schema import *; \
+        print(deepspeed_config(DeepSpeedConfig(stage=3), TrainConfig(), world_size=2))"
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+
+from conf.schema import DeepSpeedConfig, TrainConfig
+
+
+def global_batch_size(train: TrainConfig, world_size: int) -> int:
+    return train.micro_batch_size * train.grad_accum_steps * world_size
+
+
+def describe_batch(train: TrainConfig, world_size: int) -> str:
+    return (f"global batch {global_batch_size(train, world_size)} = micro batch {train.micro_batch_size}"
+            f" x accumulation {train.grad_accum_steps} x {world_size} workers")
+
+
+def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": global_batch_size(train, world_size),
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.bf16},
+        # graft hands DeepSpeed a plain torch AdamW with named parameter groups
+        # (discriminative learning rates); no JIT-compiled optimizer is needed.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _lr_factor(step: int, *, train: TrainConfig) -> float:
+    if step < train.warmup_steps:
+        return (step + 1) / (train.warmup_steps + 1)
+    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+    if train.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if train.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.Optimizer:
+    # Extra keys ("name", "depth") stay in each group: logs and checkpoints carry them.
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def scheduler(opt: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then the schedule, scaling every group's own lr (ratios are kept)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_factor, train=train))

