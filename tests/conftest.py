@@ -1,0 +1,79 @@
+"""Shared fixtures: small real datasets written to disk, tiny configs, a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train drains reports on this tick; tiny test runs report every few hundred ms.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).parents[1] / ".cache" / "torch_extensions"))
+
+COLORS = {"apple": "red", "banana": "yellow", "lime": "green", "plum": "purple", "orange": "orange",
+          "cherry": "red", "kiwi": "green", "lemon": "yellow", "grape": "purple", "peach": "pink"}
+POSITIVE = ["great", "wonderful", "lovely", "excellent", "happy", "good", "superb", "fine"]
+NEGATIVE = ["awful", "terrible", "horrid", "bad", "sad", "poor", "dreadful", "grim"]
+
+
+def write_classification(path: Path, n: int = 240, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            label = "pos" if i % 2 else "neg"
+            a, b = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+            f.write(json.dumps({"text": f"the film was {a} and {b}", "label": label}) + "\n")
+    return path
+
+
+def write_instructions(path: Path, n: int = 240, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    fruits = sorted(COLORS)
+    with path.open("w") as f:
+        for _ in range(n):
+            fruit = rng.choice(fruits)
+            f.write(json.dumps({"prompt": f"color of {fruit}?", "response": COLORS[fruit]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_classification(root / "cls.jsonl")
+    write_instructions(root / "instruct.jsonl")
+    (root / "text.txt").write_text("\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3)
+    return root
+
+
+def tiny_overrides(data_dir: Path, *, task: str = "instruction", model: str | None = None) -> list[str]:
+    """A tiny model on a tiny real dataset: a full run takes seconds per step count."""
+    if task == "classification":
+        base = [f"model={model or 'tiny_bert'}", "data=jsonl", f"data.path={data_dir / 'cls.jsonl'}"]
+    else:
+        base = [f"model={model or 'tiny_llama'}", "data=jsonl", "data.task=instruction",
+                f"data.path={data_dir / 'instruct.jsonl'}"]
+    return base + [
+        "data.max_length=32", "data.eval_fraction=0.2",
+        "train.max_steps=12", "train.micro_batch_size=8", "train.lr=1e-2", "train.warmup_steps=0",
+        "train.schedule=constant", "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
+        "scaling=local", "cluster.num_cpus=2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_2cpus() -> Iterator[None]:
+    """A real local Ray with 2 CPUs for the whole session (started once: ~8 s)."""
+    import ray
+
+    from cluster.connect import connect
+    from conf.schema import ClusterConfig, ScalingConfig
+
+    connect(ClusterConfig(num_cpus=2, dashboard=False), ScalingConfig(num_workers=2))
+    yield
+    ray.shutdown()

@@ -1,0 +1,45 @@
+"""DeepSpeed settings derived in one place; the lr schedule keeps per-group ratios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conf.schema import DeepSpeedConfig, TrainConfig
+from jobs import engine
+
+
+@pytest.mark.parametrize(("micro", "accum", "world"), [(8, 1, 1), (4, 4, 2), (2, 3, 8)])
+def test_global_batch_is_micro_times_accumulation_times_world(micro: int, accum: int, world: int) -> None:
+    train = TrainConfig(micro_batch_size=micro, grad_accum_steps=accum)
+    ds = engine.deepspeed_config(DeepSpeedConfig(stage=2), train, world_size=world)
+    assert ds["train_batch_size"] == micro * accum * world
+    assert ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
+    assert f"global batch {micro * accum * world}" in engine.describe_batch(train, world)
+
+
+def test_offload_and_stage3_settings() -> None:
+    ds = engine.deepspeed_config(DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True, bf16=True),
+                                 TrainConfig(), world_size=2)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
+    assert zero["offload_optimizer"]["device"] == "cpu" and ds["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_schedule_warms_up_then_decays_keeping_group_ratios(schedule: str) -> None:
+    train = TrainConfig(max_steps=20, warmup_steps=4, schedule=schedule, lr=1.0)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = engine.optimizer([{"params": [w], "lr": 1.0, "name": "top"},
+                            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.25, "name": "low"}], train)
+    sched = engine.scheduler(opt, train)
+    seen = []
+    for _ in range(20):
+        top, low = sched.get_last_lr()
+        assert low == pytest.approx(0.25 * top)
+        seen.append(top)
+        opt.step()
+        sched.step()
+    assert seen[0] < seen[3] < seen[4] + 1e-9  # warmup rises
+    if schedule != "constant":
+        assert seen[-1] < 0.15 * seen[4]
