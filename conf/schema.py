@@ -229,6 +229,8 @@ class TrainConfig:
     eval_every: int = 50
     checkpoint_every: int = 50
     log_every: int = 10
+    # Evaluate once before the first step: the untuned model's baseline in metrics.jsonl.
+    eval_at_start: bool = True
     # Checkpoints kept in storage (the best one is kept too when early stopping).
     keep_checkpoints: int = 2
     seed: int = 0

@@ -213,6 +213,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                      "trainable_params": trainable, "total_params": total,
                      "global_batch": engine_lib.global_batch_size(train, world),
                      "lr": dict(zip(group_names, engine.lr_scheduler.get_last_lr(), strict=True))})
+            if train.eval_at_start:
+                engine.eval()
+                log.log({"event": "baseline", "step": 0, **evaluate(engine, eval_batches)})
 
         batches = data_lib.train_batches(train_set, rank=rank, world_size=world, seed=train.seed,
                                          micro_batch_size=train.micro_batch_size, pad_id=pad_id,
