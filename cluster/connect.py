@@ -47,6 +47,25 @@ def check_capacity(scaling: ScalingConfig, *, cpus: float, gpus: float, where: s
         )
 
 
+def probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at ``address``: Ray's own
+    connect retries for up to 10 minutes. "auto" (the local node's cluster) is not probed."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError("cluster.address", f"{address!r} is not host:port, ray://host:port or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ConnectionError(
+            f"cluster.address: nothing answers at {address!r} ({e.strerror or e}); "
+            "is the Ray head running, and is this its GCS port (host:port) or Ray client port (ray://host:10001)?"
+        ) from None
+
+
 def _local_gpus() -> int:
     import torch
 
@@ -76,6 +95,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             logging_level="WARNING",
         )
     else:
+        probe(cluster.address)
         try:
             ctx = ray.init(address=cluster.address, log_to_driver=cluster.log_to_driver,
                            runtime_env={"env_vars": env}, logging_level="WARNING")

@@ -7,6 +7,7 @@ file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,12 @@ class RunLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": time.time()}  # wall clock: lets tools time a run from outside
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         step = record.get("step", 0)
         for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
+            if isinstance(value, (int, float)) and key not in ("step", "time"):
                 self._tb.add_scalar(key, value, step)
             elif isinstance(value, dict):
                 for sub, v in value.items():

@@ -42,6 +42,11 @@ def write_instructions(path: Path, n: int = 240, seed: int = 0) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fast tests first: unit tests, then anything that starts Ray."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is not None)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")

@@ -86,7 +86,14 @@ def _converted_gguf(src: str, gguf_file: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; its
+    # tensors are already dequantized, so move them into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src, gguf_file=gguf_file).save_pretrained(tmp)
     try:

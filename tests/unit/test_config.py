@@ -135,19 +135,6 @@ def test_label_outside_the_label_set_is_rejected(data_dir: Path) -> None:
     assert err.key == "data.labels" and "'neg'" in str(err)
 
 
-def test_too_many_workers_for_the_embedded_cluster_fails_before_ray(data_dir: Path) -> None:
-    import ray
-
-    from jobs.finetune import run
-
-    assert not ray.is_initialized()
-    cfg = compose(tiny_overrides(data_dir) + ["scaling.num_workers=3", "run.output_dir=/tmp/graft-unused"])
-    with pytest.raises(ConfigError) as info:
-        run(cfg, show_progress=False)
-    assert info.value.key == "scaling.num_workers" and "3 workers" in str(info.value)
-    assert not ray.is_initialized()
-
-
 def test_run_name_is_deterministic_and_tracks_training_settings() -> None:
     a, b = compose([]), compose([])
     assert run_name(a) == run_name(b)
