@@ -1,7 +1,7 @@
 """The graft command line: thin wrappers over the library.
 
-    graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspeed=zero3
-    graft finetune --cfg                  print the composed config and exit
+graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspeed=zero3
+graft finetune --cfg                  print the composed config and exit
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ err = Console(stderr=True)
 def _root() -> None:
     """graft: fine-tune pretrained models on Ray (embedded local cluster by default)."""
 
+
 Overrides = Annotated[
     list[str] | None,
-    typer.Argument(help="Hydra overrides, e.g. model=tiny_llama strategy=lora train.lr=3e-4 +experiment=x", show_default=False),
+    typer.Argument(
+        help="Hydra overrides, e.g. model=tiny_llama strategy=lora train.lr=3e-4 +experiment=x",
+        show_default=False,
+    ),
 ]
 
 
@@ -46,7 +50,9 @@ def _compose(overrides: list[str] | None, config_name: str):  # type: ignore[no-
 @app.command()
 def finetune(
     overrides: Overrides = None,
-    cfg: Annotated[bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")] = False,
+    cfg: Annotated[
+        bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress bar.")] = False,
 ) -> None:
     """Fine-tune a model: an embedded local Ray by default, or cluster.address=... ."""

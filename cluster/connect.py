@@ -9,6 +9,7 @@ Nothing here runs at import time. The embedded cluster binds to loopback on free
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -23,7 +24,14 @@ WORKER_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "PYTHONWARNINGS": "ignore",
 }
-_PASS_THROUGH = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GRAFT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
+_PASS_THROUGH = (
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "GRAFT_CACHE",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HOME",
+)
 
 
 def free_port() -> int:
@@ -55,7 +63,9 @@ def probe(address: str, timeout_s: float = 5.0) -> None:
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError("cluster.address", f"{address!r} is not host:port, ray://host:port or 'auto'")
+        raise ConfigError(
+            "cluster.address", f"{address!r} is not host:port, ray://host:port or 'auto'"
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
             pass
@@ -80,11 +90,24 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
     env = dict(WORKER_ENV, **{k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
     if ray.is_initialized():  # a caller (a test, a notebook) already connected
         resources = ray.cluster_resources()
-        check_capacity(scaling, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0), where="the Ray cluster")
-        return {"address": ray.get_runtime_context().gcs_address, "dashboard": ray._private.worker.get_dashboard_url()}
+        check_capacity(
+            scaling,
+            cpus=resources.get("CPU", 0),
+            gpus=resources.get("GPU", 0),
+            where="the Ray cluster",
+        )
+        return {
+            "address": ray.get_runtime_context().gcs_address,
+            "dashboard": ray._private.worker.get_dashboard_url(),
+        }
     if cluster.address is None:
         num_cpus = cluster.num_cpus or os.cpu_count() or 1
-        check_capacity(scaling, cpus=num_cpus, gpus=_local_gpus(), where=f"the embedded cluster (cluster.num_cpus={num_cpus})")
+        check_capacity(
+            scaling,
+            cpus=num_cpus,
+            gpus=_local_gpus(),
+            where=f"the embedded cluster (cluster.num_cpus={num_cpus})",
+        )
         ctx = ray.init(
             num_cpus=num_cpus,
             include_dashboard=cluster.dashboard,
@@ -92,13 +115,17 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             dashboard_port=cluster.dashboard_port or free_port(),
             log_to_driver=cluster.log_to_driver,
             runtime_env={"env_vars": env},
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
         )
     else:
         probe(cluster.address)
         try:
-            ctx = ray.init(address=cluster.address, log_to_driver=cluster.log_to_driver,
-                           runtime_env={"env_vars": env}, logging_level="WARNING")
+            ctx = ray.init(
+                address=cluster.address,
+                log_to_driver=cluster.log_to_driver,
+                runtime_env={"env_vars": env},
+                logging_level=logging.WARNING,
+            )
         except Exception as e:  # Ray raises ConnectionError, RuntimeError or auth errors here
             raise ConnectionError(
                 f"cluster.address: could not connect to Ray at {cluster.address!r}: {e}. "
@@ -106,6 +133,10 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
                 "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."
             ) from None
         resources = ray.cluster_resources()
-        check_capacity(scaling, cpus=resources.get("CPU", 0), gpus=resources.get("GPU", 0),
-                       where=f"the cluster at {cluster.address}")
-    return {"address": ctx.address_info.get("gcs_address"), "dashboard": ctx.dashboard_url}
+        check_capacity(
+            scaling,
+            cpus=resources.get("CPU", 0),
+            gpus=resources.get("GPU", 0),
+            where=f"the cluster at {cluster.address}",
+        )
+    return {"address": ray.get_runtime_context().gcs_address, "dashboard": ctx.dashboard_url}

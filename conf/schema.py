@@ -162,9 +162,13 @@ class DeepSpeedConfig:
     def check(self) -> None:
         _one_of("deepspeed.stage", self.stage, ZERO_STAGES)
         if self.offload_params and self.stage != 3:
-            raise ConfigError("deepspeed.offload_params", "parameter offload needs deepspeed.stage=3")
+            raise ConfigError(
+                "deepspeed.offload_params", "parameter offload needs deepspeed.stage=3"
+            )
         if self.offload_optimizer and self.stage == 0:
-            raise ConfigError("deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1")
+            raise ConfigError(
+                "deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1"
+            )
 
 
 @dataclass
@@ -177,7 +181,9 @@ class ScalingConfig:
         _positive("scaling.num_workers", self.num_workers)
         _positive("scaling.cpus_per_worker", self.cpus_per_worker)
         if self.gpus_per_worker < 0:
-            raise ConfigError("scaling.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+            raise ConfigError(
+                "scaling.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}"
+            )
 
 
 @dataclass
@@ -195,7 +201,9 @@ class ClusterConfig:
         if self.num_cpus is not None:
             _positive("cluster.num_cpus", self.num_cpus)
         if self.dashboard_port == 6379:
-            raise ConfigError("cluster.dashboard_port", "6379 is reserved for Redis; pick another port")
+            raise ConfigError(
+                "cluster.dashboard_port", "6379 is reserved for Redis; pick another port"
+            )
 
 
 @dataclass
@@ -211,7 +219,9 @@ class EarlyStoppingConfig:
         _one_of("train.early_stopping.metric", self.metric, ("eval_loss", "eval_accuracy"))
         _positive("train.early_stopping.patience", self.patience)
         if self.min_delta < 0:
-            raise ConfigError("train.early_stopping.min_delta", f"must be >= 0, got {self.min_delta}")
+            raise ConfigError(
+                "train.early_stopping.min_delta", f"must be >= 0, got {self.min_delta}"
+            )
 
 
 @dataclass
@@ -248,12 +258,15 @@ class TrainConfig:
         _one_of("train.schedule", self.schedule, SCHEDULES)
         if not 0 <= self.warmup_steps < self.max_steps:
             raise ConfigError(
-                "train.warmup_steps", f"must be in [0, train.max_steps={self.max_steps}), got {self.warmup_steps}"
+                "train.warmup_steps",
+                f"must be in [0, train.max_steps={self.max_steps}), got {self.warmup_steps}",
             )
         if self.weight_decay < 0:
             raise ConfigError("train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm < 0:
-            raise ConfigError("train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+            raise ConfigError(
+                "train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
+            )
         self.early_stopping.check()
 
 
@@ -267,7 +280,9 @@ class RunConfig:
     export_merged: bool = False
 
     def check(self) -> None:
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+        if self.name is not None and (
+            not self.name or "/" in self.name or self.name.startswith(".")
+        ):
             raise ConfigError("run.name", f"must be a plain directory name, got {self.name!r}")
 
 
@@ -283,15 +298,27 @@ class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def check(self) -> None:
-        for group in (self.model, self.data, self.strategy, self.deepspeed, self.scaling,
-                      self.cluster, self.train, self.run):
+        for group in (
+            self.model,
+            self.data,
+            self.strategy,
+            self.deepspeed,
+            self.scaling,
+            self.cluster,
+            self.train,
+            self.run,
+        ):
             group.check()
         if self.data.task == "classification" and self.model.task != "sequence_classification":
             raise ConfigError(
-                "model.task", f"data.task=classification needs model.task=sequence_classification, got {self.model.task}"
+                "model.task",
+                f"data.task=classification needs model.task=sequence_classification, got {self.model.task}",
             )
         if self.data.task != "classification" and self.model.task != "causal_lm":
-            raise ConfigError("model.task", f"data.task={self.data.task} needs model.task=causal_lm, got {self.model.task}")
+            raise ConfigError(
+                "model.task",
+                f"data.task={self.data.task} needs model.task=causal_lm, got {self.model.task}",
+            )
         if self.model.dtype == "bfloat16" and not self.deepspeed.bf16:
             raise ConfigError("deepspeed.bf16", "model.dtype=bfloat16 needs deepspeed.bf16=true")
 

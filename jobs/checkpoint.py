@@ -23,14 +23,23 @@ def dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save(engine: Any, directory: Path, *, rank: int, world_size: int, state: dict[str, Any]) -> None:
+def save(
+    engine: Any, directory: Path, *, rank: int, world_size: int, state: dict[str, Any]
+) -> None:
     """Every rank calls this (DeepSpeed's save is collective)."""
     engine.save_checkpoint(str(directory), tag=TAG, client_state={"graft": state})
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    rng = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     torch.save(rng, directory / f"rng.rank{rank}.pt")
     if rank == 0:
-        meta = {"step": state["step"], "world_size": world_size,
-                "zero_stage": engine.zero_optimization_stage()}
+        meta = {
+            "step": state["step"],
+            "world_size": world_size,
+            "zero_stage": engine.zero_optimization_stage(),
+        }
         (directory / META).write_text(json.dumps(meta))
     (directory / f"COMMITTED.rank{rank}").touch()
 

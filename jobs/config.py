@@ -1,6 +1,6 @@
 """Compose a Hydra config and turn it into the plain, validated dataclass workers get.
 
-    python -c "from jobs.config import compose; print(compose(['strategy=lora']).strategy)"
+python -c "from jobs.config import compose; print(compose(['strategy=lora']).strategy)"
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def run_name(cfg: FinetuneConfig) -> str:
         return cfg.run.name
     content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_NAME}
     content["train"] = {k: v for k, v in content["train"].items() if k != "fail_at_step"}
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[
+        :8
+    ]
     return f"{cfg.model.name}-{cfg.data.name}-{cfg.strategy.name}-{digest}"
 
 

@@ -20,8 +20,10 @@ def global_batch_size(train: TrainConfig, world_size: int) -> int:
 
 
 def describe_batch(train: TrainConfig, world_size: int) -> str:
-    return (f"global batch {global_batch_size(train, world_size)} = micro batch {train.micro_batch_size}"
-            f" x accumulation {train.grad_accum_steps} x {world_size} workers")
+    return (
+        f"global batch {global_batch_size(train, world_size)} = micro batch {train.micro_batch_size}"
+        f" x accumulation {train.grad_accum_steps} x {world_size} workers"
+    )
 
 
 def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int) -> dict[str, Any]:

@@ -27,15 +27,21 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     else:
         logits, labels = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
         mask = labels != IGNORE_INDEX
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
         correct = ((logits.argmax(-1) == labels) & mask).sum()
         count = int(mask.sum())
     return torch.stack([loss.detach(), torch.tensor(float(count)), correct.float()])
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[..., Any], batches: Iterable[tuple[dict[str, torch.Tensor], bool]]) -> dict[str, float]:
+def evaluate(
+    forward: Callable[..., Any], batches: Iterable[tuple[dict[str, torch.Tensor], bool]]
+) -> dict[str, float]:
     totals = torch.zeros(3)
     for batch, counts in batches:
         out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

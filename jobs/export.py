@@ -24,7 +24,9 @@ def full_state_dict(engine: Any) -> dict[str, Any] | None:
     return engine.module.state_dict() if engine.global_rank == 0 else None
 
 
-def export(engine: Any, tokenizer: Any, cfg: FinetuneConfig, export_dir: Path, *, labels: list[str] | None) -> None:
+def export(
+    engine: Any, tokenizer: Any, cfg: FinetuneConfig, export_dir: Path, *, labels: list[str] | None
+) -> None:
     state_dict = full_state_dict(engine)
     if engine.global_rank != 0:
         return
@@ -44,8 +46,14 @@ def export(engine: Any, tokenizer: Any, cfg: FinetuneConfig, export_dir: Path, *
         (export_dir / "labels.json").write_text(json.dumps(labels))
 
 
-def _export_adapter(module: peft.PeftModel, state_dict: dict[str, Any], cfg: FinetuneConfig,
-                    export_dir: Path, *, labels: list[str] | None) -> None:
+def _export_adapter(
+    module: peft.PeftModel,
+    state_dict: dict[str, Any],
+    cfg: FinetuneConfig,
+    export_dir: Path,
+    *,
+    labels: list[str] | None,
+) -> None:
     adapter_dir = export_dir / "adapter"
     if cfg.model.arch is not None or not cfg.model.pretrained:
         # No weights on disk to attach the adapter to: save the (frozen) base it trained on.
@@ -56,7 +64,7 @@ def _export_adapter(module: peft.PeftModel, state_dict: dict[str, Any], cfg: Fin
     else:
         base_path = weights_dir(cfg.model)
     module.peft_config["default"].base_model_name_or_path = base_path
-    module.save_pretrained(adapter_dir, state_dict=state_dict)
+    module.save_pretrained(str(adapter_dir), state_dict=state_dict)
     if cfg.run.export_merged:
         base, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
         merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()

@@ -67,9 +67,11 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
 
     world = cfg.scaling.num_workers
     print(f"graft: run {cfg.run.name} -> {run_dir}")
-    print(f"graft: {cfg.model.name} ({facts.num_blocks} blocks), strategy {cfg.strategy.name}, ZeRO-{cfg.deepspeed.stage}, "
-          f"{facts.num_train} train / {facts.num_eval} eval examples"
-          + (f", {len(facts.labels)} labels" if facts.labels else ""))
+    print(
+        f"graft: {cfg.model.name} ({facts.num_blocks} blocks), strategy {cfg.strategy.name}, ZeRO-{cfg.deepspeed.stage}, "
+        f"{facts.num_train} train / {facts.num_eval} eval examples"
+        + (f", {len(facts.labels)} labels" if facts.labels else "")
+    )
     print(f"graft: {engine_lib.describe_batch(cfg.train, world)}; {cfg.train.max_steps} steps")
 
     cluster = connect(cfg.cluster, cfg.scaling)
@@ -82,8 +84,10 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
         scaling_config=ScalingConfig(
             num_workers=world,
             use_gpu=cfg.scaling.gpus_per_worker > 0,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                  **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.gpus_per_worker else {})},
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.gpus_per_worker else {}),
+            },
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.gpus_per_worker else "gloo"),
         run_config=RunConfig(
@@ -101,10 +105,12 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
         trainer.fit()
 
     records = runlog.read(run_dir)
-    final = next((r for r in reversed(records) if r.get("event") == "end"), {})
+    final: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "end"), {})
     export_dir = run_dir / "export" if cfg.run.export else None
-    print(f"graft: done in {time.time() - started:.0f}s: "
-          + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float)))
+    print(
+        f"graft: done in {time.time() - started:.0f}s: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float))
+    )
     if export_dir:
         print(f"graft: exported to {export_dir}")
     return Summary(run_dir=run_dir, metrics=final, export_dir=export_dir)
@@ -171,15 +177,22 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(train.seed)
 
     dataset = data_lib.load(cfg.data)
+    model: torch.nn.Module
     model, tokenizer = build(cfg.model, labels=dataset.labels, seed=train.seed)
     layout = Layout.of(model.config)
     train_set = data_lib.encode(dataset.train, tokenizer, cfg.data, dataset.labels)
     eval_set = data_lib.encode(dataset.eval, tokenizer, cfg.data, dataset.labels)
     pad_id = tokenizer.pad_token_id
-    eval_batches = data_lib.eval_batches(eval_set, rank=rank, world_size=world,
-                                         micro_batch_size=train.micro_batch_size, pad_id=pad_id)
-    per_epoch = data_lib.micro_batches_per_epoch(len(train_set), world_size=world,
-                                                 micro_batch_size=train.micro_batch_size)
+    eval_batches = data_lib.eval_batches(
+        eval_set,
+        rank=rank,
+        world_size=world,
+        micro_batch_size=train.micro_batch_size,
+        pad_id=pad_id,
+    )
+    per_epoch = data_lib.micro_batches_per_epoch(
+        len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
+    )
     max_micro_steps = per_epoch * train.max_epochs if train.max_epochs else None
 
     log = runlog.RunLog(run_dir, enabled=rank == 0)
@@ -191,8 +204,14 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     engine: Any = None
     for phase in strategies.phases(cfg.strategy, train.max_steps):
         model = strategies.apply(model, phase.strategy, layout)
-        groups = param_groups(model, layout, lr=train.lr, lr_ratio=phase.strategy.lr_ratio,
-                              head_lr_mult=phase.strategy.head_lr_mult, weight_decay=train.weight_decay)
+        groups = param_groups(
+            model,
+            layout,
+            lr=train.lr,
+            lr_ratio=phase.strategy.lr_ratio,
+            head_lr_mult=phase.strategy.head_lr_mult,
+            weight_decay=train.weight_decay,
+        )
         group_names = [g["name"] for g in groups]
         # Counted before DeepSpeed: under ZeRO-3 each rank's tensors are [0] afterwards.
         trainable = sum(p.numel() for g in groups for p in g["params"])
@@ -209,17 +228,31 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             log.truncate_after(state.step)
             log.log({"event": "resume", "step": state.step, "checkpoint": str(resume_from)})
         if state.step == 0:
-            log.log({"event": "start", "step": 0, "phase": phase.name, "world_size": world,
-                     "trainable_params": trainable, "total_params": total,
-                     "global_batch": engine_lib.global_batch_size(train, world),
-                     "lr": dict(zip(group_names, engine.lr_scheduler.get_last_lr(), strict=True))})
+            log.log(
+                {
+                    "event": "start",
+                    "step": 0,
+                    "phase": phase.name,
+                    "world_size": world,
+                    "trainable_params": trainable,
+                    "total_params": total,
+                    "global_batch": engine_lib.global_batch_size(train, world),
+                    "lr": dict(zip(group_names, engine.lr_scheduler.get_last_lr(), strict=True)),
+                }
+            )
             if train.eval_at_start:
                 engine.eval()
                 log.log({"event": "baseline", "step": 0, **evaluate(engine, eval_batches)})
 
-        batches = data_lib.train_batches(train_set, rank=rank, world_size=world, seed=train.seed,
-                                         micro_batch_size=train.micro_batch_size, pad_id=pad_id,
-                                         start_micro_step=state.micro_step)
+        batches = data_lib.train_batches(
+            train_set,
+            rank=rank,
+            world_size=world,
+            seed=train.seed,
+            micro_batch_size=train.micro_batch_size,
+            pad_id=pad_id,
+            start_micro_step=state.micro_step,
+        )
         engine.train()
         window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.time()
         while state.step < phase.end_step and not stopped_early:
@@ -236,18 +269,24 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             if state.micro_step % train.grad_accum_steps:
                 continue
             state.step += 1
-            last = state.step == phase.end_step or (max_micro_steps is not None and state.micro_step >= max_micro_steps)
+            last = state.step == phase.end_step or (
+                max_micro_steps is not None and state.micro_step >= max_micro_steps
+            )
             record: dict[str, Any] = {}
 
             if state.step % train.log_every == 0 or last or state.step == 1:
                 elapsed = time.time() - window_start
-                record.update({
-                    "loss": _all_mean(window_loss / window_micro),
-                    "lr": dict(zip(group_names, engine.lr_scheduler.get_last_lr(), strict=True)),
-                    "tokens_per_s": _all_mean(window_tokens / elapsed) * world,
-                    "steps_per_s": window_micro / train.grad_accum_steps / elapsed,
-                    "epoch": state.micro_step / per_epoch,
-                })
+                record.update(
+                    {
+                        "loss": _all_mean(window_loss / window_micro),
+                        "lr": dict(
+                            zip(group_names, engine.lr_scheduler.get_last_lr(), strict=True)
+                        ),
+                        "tokens_per_s": _all_mean(window_tokens / elapsed) * world,
+                        "steps_per_s": window_micro / train.grad_accum_steps / elapsed,
+                        "epoch": state.micro_step / per_epoch,
+                    }
+                )
                 if state.step == 1:
                     record["time_to_first_step_s"] = time.time() - loop_config["started"]
                 window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.time()
@@ -259,11 +298,17 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 engine.train()
                 value = record[early.metric]
                 if _improved(value, state.best, mode=early.mode, min_delta=early.min_delta):
-                    state.best, state.best_step, state.evals_without_improvement = value, state.step, 0
+                    state.best, state.best_step, state.evals_without_improvement = (
+                        value,
+                        state.step,
+                        0,
+                    )
                     save = save or early.enabled  # the best weights must be on disk to export them
                 else:
                     state.evals_without_improvement += 1
-                    stopped_early = early.enabled and state.evals_without_improvement >= early.patience
+                    stopped_early = (
+                        early.enabled and state.evals_without_improvement >= early.patience
+                    )
 
             if record:
                 log.log({"step": state.step, **record})
@@ -276,18 +321,29 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     assert engine is not None
     if early.enabled and state.best_step is not None and state.best_step != state.step:
-        best_dir = Path(context.get_storage().build_checkpoint_path_from_name(ckpt.dir_name(state.best_step)))
+        best_dir = Path(
+            context.get_storage().build_checkpoint_path_from_name(ckpt.dir_name(state.best_step))
+        )
         ckpt.load(engine, best_dir, rank=rank, world_size=world)
     engine.eval()
     final = evaluate(engine, eval_batches)
-    log.log({"event": "end", "step": state.step, "stopped_early": stopped_early,
-             "best_step": state.best_step, **final})
+    log.log(
+        {
+            "event": "end",
+            "step": state.step,
+            "stopped_early": stopped_early,
+            "best_step": state.best_step,
+            **final,
+        }
+    )
     if cfg.run.export:
         export(engine, tokenizer, cfg, run_dir / "export", labels=dataset.labels)
     log.close()
 
 
-def _report(engine: Any, metrics: dict[str, Any], state: State, *, save: bool, rank: int, world: int) -> None:
+def _report(
+    engine: Any, metrics: dict[str, Any], state: State, *, save: bool, rank: int, world: int
+) -> None:
     """ray.train.report on every rank (it is a barrier), with a checkpoint when ``save``."""
     import ray.train
 
@@ -298,8 +354,11 @@ def _report(engine: Any, metrics: dict[str, Any], state: State, *, save: bool, r
         return
     with tempfile.TemporaryDirectory(prefix="graft-ckpt-") as tmp:
         ckpt.save(engine, Path(tmp), rank=rank, world_size=world, state=dataclasses.asdict(state))
-        ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=ckpt.dir_name(state.step))
+        ray.train.report(
+            flat,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=ckpt.dir_name(state.step),
+        )
 
 
 # --------------------------------------------------------------------------- entry point

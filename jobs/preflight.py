@@ -36,6 +36,8 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
             f"{k} is more than the model's {layout.num_blocks} blocks; allowed: 0..{layout.num_blocks}",
         )
     if cfg.strategy.name == "lora" and k == 0:
-        raise ConfigError("strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0")
+        raise ConfigError(
+            "strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0"
+        )
     dataset = data_lib.load(cfg.data)
     return Preflight(layout.num_blocks, len(dataset.train), len(dataset.eval), dataset.labels)

@@ -19,8 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 def _describe(record: dict[str, Any]) -> str:
     parts = []
-    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"),
-                     ("eval_accuracy", "eval_acc {:.3f}"), ("tokens_per_s", "{:.0f} tok/s")):
+    for key, fmt in (
+        ("loss", "loss {:.4f}"),
+        ("eval_loss", "eval_loss {:.4f}"),
+        ("eval_accuracy", "eval_acc {:.3f}"),
+        ("tokens_per_s", "{:.0f} tok/s"),
+    ):
         if key in record:
             parts.append(fmt.format(record[key]))
     return "  ".join(parts)
@@ -32,8 +36,15 @@ def follow(metrics_path: Path, *, total_steps: int, enabled: bool = True) -> Ite
         yield
         return
     console = Console(stderr=True)
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[info]}"), console=console, transient=False)
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
     task = progress.add_task("train", total=total_steps, info="starting workers...")
     stop = threading.Event()
     seen: dict[str, Any] = {}

@@ -14,10 +14,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train drains reports on this tick; tiny test runs report every few hundred ms.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).parents[1] / ".cache" / "torch_extensions"))
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path(__file__).parents[1] / ".cache" / "torch_extensions")
+)
 
-COLORS = {"apple": "red", "banana": "yellow", "lime": "green", "plum": "purple", "orange": "orange",
-          "cherry": "red", "kiwi": "green", "lemon": "yellow", "grape": "purple", "peach": "pink"}
+COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "lime": "green",
+    "plum": "purple",
+    "orange": "orange",
+    "cherry": "red",
+    "kiwi": "green",
+    "lemon": "yellow",
+    "grape": "purple",
+    "peach": "pink",
+}
 POSITIVE = ["great", "wonderful", "lovely", "excellent", "happy", "good", "superb", "fine"]
 NEGATIVE = ["awful", "terrible", "horrid", "bad", "sad", "poor", "dreadful", "grim"]
 
@@ -52,22 +64,42 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_classification(root / "cls.jsonl")
     write_instructions(root / "instruct.jsonl")
-    (root / "text.txt").write_text("\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3)
+    (root / "text.txt").write_text(
+        "\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3
+    )
     return root
 
 
-def tiny_overrides(data_dir: Path, *, task: str = "instruction", model: str | None = None) -> list[str]:
+def tiny_overrides(
+    data_dir: Path, *, task: str = "instruction", model: str | None = None
+) -> list[str]:
     """A tiny model on a tiny real dataset: a full run takes seconds per step count."""
     if task == "classification":
-        base = [f"model={model or 'tiny_bert'}", "data=jsonl", f"data.path={data_dir / 'cls.jsonl'}"]
+        base = [
+            f"model={model or 'tiny_bert'}",
+            "data=jsonl",
+            f"data.path={data_dir / 'cls.jsonl'}",
+        ]
     else:
-        base = [f"model={model or 'tiny_llama'}", "data=jsonl", "data.task=instruction",
-                f"data.path={data_dir / 'instruct.jsonl'}"]
+        base = [
+            f"model={model or 'tiny_llama'}",
+            "data=jsonl",
+            "data.task=instruction",
+            f"data.path={data_dir / 'instruct.jsonl'}",
+        ]
     return base + [
-        "data.max_length=32", "data.eval_fraction=0.2",
-        "train.max_steps=12", "train.micro_batch_size=8", "train.lr=1e-2", "train.warmup_steps=0",
-        "train.schedule=constant", "train.eval_every=6", "train.checkpoint_every=6", "train.log_every=1",
-        "scaling=local", "cluster.num_cpus=2",
+        "data.max_length=32",
+        "data.eval_fraction=0.2",
+        "train.max_steps=12",
+        "train.micro_batch_size=8",
+        "train.lr=1e-2",
+        "train.warmup_steps=0",
+        "train.schedule=constant",
+        "train.eval_every=6",
+        "train.checkpoint_every=6",
+        "train.log_every=1",
+        "scaling=local",
+        "cluster.num_cpus=2",
     ]
 
 

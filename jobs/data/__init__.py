@@ -44,8 +44,12 @@ def _normalise(records: list[dict[str, str]], cfg: DataConfig) -> list[dict[str,
     """Builtin sources use text/label/prompt/response; map the configured field names."""
     if cfg.source != "file":
         return records
-    names = {cfg.text_field: "text", cfg.label_field: "label", cfg.prompt_field: "prompt",
-             cfg.response_field: "response"}
+    names = {
+        cfg.text_field: "text",
+        cfg.label_field: "label",
+        cfg.prompt_field: "prompt",
+        cfg.response_field: "response",
+    }
     return [{names.get(k, k): v for k, v in r.items()} for r in records]
 
 
@@ -55,20 +59,26 @@ def load(cfg: DataConfig) -> Dataset:
     labels = None
     if cfg.task == "classification":
         if cfg.num_classes is not None:
-            keep = {label for label, _ in Counter(r["label"] for r in records).most_common(cfg.num_classes)}
+            keep = {
+                label
+                for label, _ in Counter(r["label"] for r in records).most_common(cfg.num_classes)
+            }
             records = [r for r in records if r["label"] in keep]
         if cfg.labels is not None:
             allowed = set(cfg.labels)
             for i, r in enumerate(records, start=1):
                 if r["label"] not in allowed:
                     raise ConfigError(
-                        "data.labels", f"example {i} has label {r['label']!r}, not in the label set {cfg.labels}"
+                        "data.labels",
+                        f"example {i} has label {r['label']!r}, not in the label set {cfg.labels}",
                     )
             labels = list(cfg.labels)
         else:
             labels = sorted({r["label"] for r in records})
         if len(labels) < 2:
-            raise ConfigError("data.path", f"classification needs at least 2 labels, found {labels}")
+            raise ConfigError(
+                "data.path", f"classification needs at least 2 labels, found {labels}"
+            )
     rng = random.Random(cfg.split_seed)
     order = list(range(len(records)))
     rng.shuffle(order)
@@ -94,15 +104,19 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return bos + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
 
 
-def encode(records: list[dict[str, str]], tokenizer: Any, cfg: DataConfig,
-           labels: list[str] | None) -> list[dict[str, Any]]:
+def encode(
+    records: list[dict[str, str]], tokenizer: Any, cfg: DataConfig, labels: list[str] | None
+) -> list[dict[str, Any]]:
     """Token ids and labels, truncated to ``max_length``; padding happens per batch."""
     n = cfg.max_length
     if cfg.task == "classification":
         assert labels is not None
         index = {label: i for i, label in enumerate(labels)}
         enc = tokenizer([r["text"] for r in records], truncation=True, max_length=n)["input_ids"]
-        return [{"input_ids": ids, "label": index[r["label"]]} for ids, r in zip(enc, records, strict=True)]
+        return [
+            {"input_ids": ids, "label": index[r["label"]]}
+            for ids, r in zip(enc, records, strict=True)
+        ]
     eos = [tokenizer.eos_token_id]
     if cfg.task == "instruction":
         out = []
@@ -111,7 +125,9 @@ def encode(records: list[dict[str, str]], tokenizer: Any, cfg: DataConfig,
             response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos
             ids = (prompt + response)[:n]
             target = ([IGNORE_INDEX] * len(prompt) + response)[:n]
-            if any(t != IGNORE_INDEX for t in target[1:]):  # keep only examples with a response left
+            if any(
+                t != IGNORE_INDEX for t in target[1:]
+            ):  # keep only examples with a response left
                 out.append({"input_ids": ids, "labels": target})
         return out
     # Plain text: pack every paragraph, separated by EOS, into blocks of max_length.
@@ -141,19 +157,31 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     return batch
 
 
-def train_shard(num_examples: int, *, rank: int, world_size: int, epoch: int, seed: int) -> list[int]:
+def train_shard(
+    num_examples: int, *, rank: int, world_size: int, epoch: int, seed: int
+) -> list[int]:
     """This rank's example indices for one epoch: a seeded shuffle, dealt round-robin.
 
     Every rank gets the same count (the remainder is dropped) so every rank runs the
     same number of steps: the collectives in each step must line up.
     """
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    order = torch.randperm(
+        num_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)
+    ).tolist()
     per_rank = num_examples // world_size
     return order[rank::world_size][:per_rank]
 
 
-def train_batches(encoded: list[dict[str, Any]], *, rank: int, world_size: int, seed: int,
-                  micro_batch_size: int, pad_id: int, start_micro_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def train_batches(
+    encoded: list[dict[str, Any]],
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    micro_batch_size: int,
+    pad_id: int,
+    start_micro_step: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro batches for this rank, epoch after epoch, starting at a global micro step
     (so a resumed run sees exactly the batches the uninterrupted run would have)."""
     per_epoch = (len(encoded) // world_size) // micro_batch_size
@@ -167,7 +195,10 @@ def train_batches(encoded: list[dict[str, Any]], *, rank: int, world_size: int, 
         epoch, index = divmod(micro_step, per_epoch)
         shard = train_shard(len(encoded), rank=rank, world_size=world_size, epoch=epoch, seed=seed)
         for i in range(index, per_epoch):
-            yield collate([encoded[j] for j in shard[i * micro_batch_size : (i + 1) * micro_batch_size]], pad_id)
+            yield collate(
+                [encoded[j] for j in shard[i * micro_batch_size : (i + 1) * micro_batch_size]],
+                pad_id,
+            )
         micro_step = (epoch + 1) * per_epoch
 
 
@@ -175,8 +206,9 @@ def micro_batches_per_epoch(num_examples: int, *, world_size: int, micro_batch_s
     return (num_examples // world_size) // micro_batch_size
 
 
-def eval_batches(encoded: list[dict[str, Any]], *, rank: int, world_size: int, micro_batch_size: int,
-                 pad_id: int) -> list[tuple[dict[str, torch.Tensor], bool]]:
+def eval_batches(
+    encoded: list[dict[str, Any]], *, rank: int, world_size: int, micro_batch_size: int, pad_id: int
+) -> list[tuple[dict[str, torch.Tensor], bool]]:
     """This rank's eval batches as (batch, counts). Every rank gets the same number of
     batches (ZeRO-3 forwards are collective); a rank with fewer examples repeats its
     first batch with counts=False so it joins the collectives without being counted."""

@@ -19,10 +19,14 @@ def _required_fields(cfg: DataConfig) -> tuple[str, ...]:
 
 def _check_record(record: object, where: str, fields: tuple[str, ...]) -> dict[str, str]:
     if not isinstance(record, dict):
-        raise ConfigError("data.path", f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise ConfigError(
+            "data.path", f"{where}: expected a JSON object, got {type(record).__name__}"
+        )
     missing = [f for f in fields if f not in record or record[f] in (None, "")]
     if missing:
-        raise ConfigError("data.path", f"{where}: missing field(s) {missing}; the record has {sorted(record)}")
+        raise ConfigError(
+            "data.path", f"{where}: missing field(s) {missing}; the record has {sorted(record)}"
+        )
     return {f: str(record[f]) for f in fields}
 
 
@@ -36,7 +40,9 @@ def read_jsonl(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError("data.path", f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise ConfigError(
+                    "data.path", f"{path}:{lineno}: not valid JSON ({e.msg})"
+                ) from None
             records.append(_check_record(record, f"{path}:{lineno}", fields))
     return records
 
@@ -46,14 +52,19 @@ def read_csv(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not set(fields) <= set(reader.fieldnames):
-            raise ConfigError("data.path", f"{path}:1: header must name columns {list(fields)}, got {reader.fieldnames}")
+            raise ConfigError(
+                "data.path",
+                f"{path}:1: header must name columns {list(fields)}, got {reader.fieldnames}",
+            )
         # Line numbers count the header as line 1.
         return [_check_record(row, f"{path}:{reader.line_num}", fields) for row in reader]
 
 
 def read_text(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
     if cfg.task != "text":
-        raise ConfigError("data.path", f"{path}: a .txt file holds plain text; it needs data.task=text")
+        raise ConfigError(
+            "data.path", f"{path}: a .txt file holds plain text; it needs data.task=text"
+        )
     # Paragraphs; encoding later packs them into max_length blocks.
     paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
     return [{cfg.text_field: p} for p in paragraphs if p]
@@ -69,7 +80,10 @@ def read(cfg: DataConfig) -> list[dict[str, str]]:
         raise ConfigError("data.path", f"{cfg.path} does not exist or is not a file")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
-        raise ConfigError("data.path", f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}")
+        raise ConfigError(
+            "data.path",
+            f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}",
+        )
     records = reader(path, cfg)
     if not records:
         raise ConfigError("data.path", f"{path} holds no examples")

@@ -14,18 +14,94 @@ import inspect
 import re
 
 AREAS: dict[str, tuple[str, ...]] = {
-    "text": ("string", "re", "textwrap", "difflib", "unicodedata", "codecs", "html", "html.parser", "gettext", "locale"),
+    "text": (
+        "string",
+        "re",
+        "textwrap",
+        "difflib",
+        "unicodedata",
+        "codecs",
+        "html",
+        "html.parser",
+        "gettext",
+        "locale",
+    ),
     "math": ("math", "cmath", "statistics", "decimal", "fractions", "random", "numbers"),
-    "files": ("os", "os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "filecmp", "stat", "io", "fileinput"),
-    "network": ("socket", "ssl", "http.client", "http.server", "http.cookiejar", "urllib.request", "urllib.parse",
-                "smtplib", "ftplib", "imaplib", "poplib", "ipaddress", "socketserver", "xmlrpc.client"),
-    "concurrency": ("threading", "multiprocessing", "multiprocessing.pool", "asyncio", "concurrent.futures",
-                    "queue", "sched", "subprocess", "signal", "selectors"),
-    "data_structures": ("collections", "heapq", "bisect", "array", "copy", "enum", "dataclasses", "itertools",
-                        "functools", "operator", "weakref", "types"),
+    "files": (
+        "os",
+        "os.path",
+        "shutil",
+        "pathlib",
+        "glob",
+        "fnmatch",
+        "tempfile",
+        "filecmp",
+        "stat",
+        "io",
+        "fileinput",
+    ),
+    "network": (
+        "socket",
+        "ssl",
+        "http.client",
+        "http.server",
+        "http.cookiejar",
+        "urllib.request",
+        "urllib.parse",
+        "smtplib",
+        "ftplib",
+        "imaplib",
+        "poplib",
+        "ipaddress",
+        "socketserver",
+        "xmlrpc.client",
+    ),
+    "concurrency": (
+        "threading",
+        "multiprocessing",
+        "multiprocessing.pool",
+        "asyncio",
+        "concurrent.futures",
+        "queue",
+        "sched",
+        "subprocess",
+        "signal",
+        "selectors",
+    ),
+    "data_structures": (
+        "collections",
+        "heapq",
+        "bisect",
+        "array",
+        "copy",
+        "enum",
+        "dataclasses",
+        "itertools",
+        "functools",
+        "operator",
+        "weakref",
+        "types",
+    ),
     "time": ("datetime", "time", "calendar", "zoneinfo"),
-    "formats": ("json", "csv", "pickle", "struct", "zipfile", "tarfile", "gzip", "bz2", "lzma", "configparser",
-                "base64", "binascii", "xml.etree.ElementTree", "xml.dom.minidom", "sqlite3", "plistlib", "email.message"),
+    "formats": (
+        "json",
+        "csv",
+        "pickle",
+        "struct",
+        "zipfile",
+        "tarfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "configparser",
+        "base64",
+        "binascii",
+        "xml.etree.ElementTree",
+        "xml.dom.minidom",
+        "sqlite3",
+        "plistlib",
+        "email.message",
+    ),
 }
 
 
@@ -40,14 +116,18 @@ def _docs(module_name: str) -> list[str]:
     module = importlib.import_module(module_name)
     texts = []
     for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
+        if name.startswith("_") or not (
+            inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)
+        ):
             continue
         owner = getattr(obj, "__module__", None) or ""
         if not owner.lstrip("_").startswith(module_name.split(".")[0].lstrip("_")):
             continue  # re-exported from elsewhere
         members = [obj]
         if inspect.isclass(obj):
-            members += [m for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m)]
+            members += [
+                m for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m)
+            ]
         for member in members:
             doc = inspect.getdoc(member)
             if doc:

@@ -31,8 +31,17 @@ from transformers import (
 from conf.schema import ConfigError, ModelConfig
 from jobs.models.families import Family, Layout, family_of
 
-__all__ = ["Family", "Layout", "build", "build_tokenizer", "family_of", "hf_config", "num_blocks",
-           "resolve_source", "weights_dir"]
+__all__ = [
+    "Family",
+    "Layout",
+    "build",
+    "build_tokenizer",
+    "family_of",
+    "hf_config",
+    "num_blocks",
+    "resolve_source",
+    "weights_dir",
+]
 
 # Hub ids for the offline packages, used only when the package is not installed.
 _PACKAGE_HUB_IDS = {
@@ -63,8 +72,14 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
     if cfg.path is not None:
         path = os.path.expanduser(cfg.path)
         if _looks_local(cfg.path) and not os.path.isdir(path):
-            raise ConfigError("model.path", f"{cfg.path} is not an existing directory (or a hub id like org/name)")
-        if cfg.gguf_file and _looks_local(cfg.path) and not os.path.isfile(os.path.join(path, cfg.gguf_file)):
+            raise ConfigError(
+                "model.path", f"{cfg.path} is not an existing directory (or a hub id like org/name)"
+            )
+        if (
+            cfg.gguf_file
+            and _looks_local(cfg.path)
+            and not os.path.isfile(os.path.join(path, cfg.gguf_file))
+        ):
             raise ConfigError("model.gguf_file", f"{cfg.gguf_file} not found in {path}")
         return path, cfg.gguf_file
     if cfg.package is not None:
@@ -74,9 +89,13 @@ def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
                 return _PACKAGE_HUB_IDS[cfg.package], None
             raise ConfigError("model.package", f"package {cfg.package!r} is not installed")
         if cfg.gguf_file and not (root / cfg.gguf_file).is_file():
-            raise ConfigError("model.gguf_file", f"{cfg.gguf_file} not found in package {cfg.package} ({root})")
+            raise ConfigError(
+                "model.gguf_file", f"{cfg.gguf_file} not found in package {cfg.package} ({root})"
+            )
         return str(root), cfg.gguf_file
-    raise ConfigError("model.path", "this model is built from model.arch and has no weights to load")
+    raise ConfigError(
+        "model.path", "this model is built from model.arch and has no weights to load"
+    )
 
 
 def _converted_gguf(src: str, gguf_file: str) -> Path:
@@ -124,14 +143,21 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
         single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", cls_token="<s>", sep_token="</s>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        cls_token="<s>",
+        sep_token="</s>",
     )
 
 
 def build_tokenizer(cfg: ModelConfig) -> Any:
-    tokenizer = byte_tokenizer() if cfg.tokenizer == "bytes" else AutoTokenizer.from_pretrained(
-        cfg.tokenizer or weights_dir(cfg)
+    tokenizer = (
+        byte_tokenizer()
+        if cfg.tokenizer == "bytes"
+        else AutoTokenizer.from_pretrained(cfg.tokenizer or weights_dir(cfg))
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -155,7 +181,9 @@ def num_blocks(cfg: ModelConfig) -> int:
     return family_of(config).num_blocks(config)
 
 
-def build(cfg: ModelConfig, *, labels: list[str] | None = None, seed: int = 0) -> tuple[PreTrainedModel, Any]:
+def build(
+    cfg: ModelConfig, *, labels: list[str] | None = None, seed: int = 0
+) -> tuple[PreTrainedModel, Any]:
     """The model (pretrained, or random init with the same architecture) and its tokenizer.
 
     For classification, ``labels`` sets a new head of len(labels) outputs, with the label
@@ -165,6 +193,7 @@ def build(cfg: ModelConfig, *, labels: list[str] | None = None, seed: int = 0) -
     config = hf_config(cfg, tokenizer)
     dtype = getattr(torch, cfg.dtype)
     kwargs: dict[str, Any] = {}
+    auto: Any
     if cfg.task == "sequence_classification":
         if not labels:
             raise ValueError("build: a classification model needs its label list")

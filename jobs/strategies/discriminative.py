@@ -22,7 +22,9 @@ def group_name(location: Location) -> str:
     return f"block.{location.block}" if location.kind == "block" else location.kind
 
 
-def group_lr(location: Location, layout: Layout, *, lr: float, lr_ratio: float, head_lr_mult: float) -> float:
+def group_lr(
+    location: Location, layout: Layout, *, lr: float, lr_ratio: float, head_lr_mult: float
+) -> float:
     if location.kind == "head":
         return lr * head_lr_mult
     return lr * lr_ratio ** layout.depth(location)
@@ -48,12 +50,17 @@ def param_groups(
         location = layout.locate(name)
         decay = weight_decay if not name.endswith(_NO_DECAY) else 0.0
         key = group_name(location) + ("" if decay or not weight_decay else ".no_decay")
-        group = groups.setdefault(key, {
-            "name": key,
-            "params": [],
-            "lr": group_lr(location, layout, lr=lr, lr_ratio=lr_ratio, head_lr_mult=head_lr_mult),
-            "weight_decay": decay,
-            "depth": layout.depth(location),
-        })
+        group = groups.setdefault(
+            key,
+            {
+                "name": key,
+                "params": [],
+                "lr": group_lr(
+                    location, layout, lr=lr, lr_ratio=lr_ratio, head_lr_mult=head_lr_mult
+                ),
+                "weight_decay": decay,
+                "depth": layout.depth(location),
+            },
+        )
         group["params"].append(param)
     return sorted(groups.values(), key=lambda g: (-g["depth"], g["name"]))

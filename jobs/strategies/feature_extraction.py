@@ -1,6 +1,6 @@
 """feature_extraction: the pretrained backbone is frozen; only the new head trains.
 
-    graft finetune strategy=feature_extraction
+graft finetune strategy=feature_extraction
 """
 
 from __future__ import annotations

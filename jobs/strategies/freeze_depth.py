@@ -1,6 +1,6 @@
 """freeze_depth: the top k blocks and the head train; everything below stays frozen.
 
-    graft finetune strategy=freeze_depth strategy.num_trainable_blocks=2
+graft finetune strategy=freeze_depth strategy.num_trainable_blocks=2
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def trains(location: Location, layout: Layout, k: int, train_embeddings: bool) -
     return layout.depth(location) < k
 
 
-def freeze_to(model: nn.Module, layout: Layout, k: int, *, train_embeddings: bool = False) -> nn.Module:
+def freeze_to(
+    model: nn.Module, layout: Layout, k: int, *, train_embeddings: bool = False
+) -> nn.Module:
     """fastai's freeze_to, counted from the top: k=0 trains the head only."""
     for name, param in model.named_parameters():
         param.requires_grad_(trains(layout.locate(name), layout, k, train_embeddings))

@@ -1,6 +1,6 @@
 """full: every parameter trains.
 
-    graft finetune strategy=full
+graft finetune strategy=full
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ def target_regex(layout: Layout, targets: list[str] | tuple[str, ...], k: int | 
             blocks.append(rf"{re.escape(path)}\.({'|'.join(map(str, wanted))})")
         offset += count
     if not blocks:
-        raise ValueError("strategy.num_trainable_blocks: 0 blocks leaves LoRA nothing to adapt; use >= 1")
+        raise ValueError(
+            "strategy.num_trainable_blocks: 0 blocks leaves LoRA nothing to adapt; use >= 1"
+        )
     return rf"(.*\.)?({'|'.join(blocks)})\..*\.({'|'.join(map(re.escape, targets))})"
 
 
@@ -36,7 +38,10 @@ def _leaf_names(model: nn.Module, paths: tuple[str, ...]) -> list[str]:
 
 
 def apply(model: nn.Module, cfg: StrategyConfig, layout: Layout) -> nn.Module:
-    is_classifier = getattr(model.config, "num_labels", 0) and "ForSequenceClassification" in type(model).__name__
+    is_classifier = (
+        getattr(model.config, "num_labels", 0)
+        and "ForSequenceClassification" in type(model).__name__
+    )
     # New heads (and embeddings, if asked) train in full and are saved with the adapter.
     modules_to_save = _leaf_names(model, layout.family.heads) if is_classifier else []
     if cfg.train_embeddings:
@@ -45,8 +50,9 @@ def apply(model: nn.Module, cfg: StrategyConfig, layout: Layout) -> nn.Module:
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=target_regex(layout, cfg.lora.target_modules or layout.family.lora_targets,
-                                    cfg.num_trainable_blocks),
+        target_modules=target_regex(
+            layout, cfg.lora.target_modules or layout.family.lora_targets, cfg.num_trainable_blocks
+        ),
         modules_to_save=modules_to_save or None,
         task_type=peft.TaskType.SEQ_CLS if is_classifier else peft.TaskType.CAUSAL_LM,
     )

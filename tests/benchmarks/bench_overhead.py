@@ -29,12 +29,19 @@ from jobs.config import compose  # noqa: E402
 from jobs.engine import deepspeed_config  # noqa: E402
 from tests.conftest import write_instructions  # noqa: E402
 
-ARCH = ["model=tiny_llama", "model.arch.hidden_size=256", "model.arch.intermediate_size=688",
-        "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=4"]
+ARCH = [
+    "model=tiny_llama",
+    "model.arch.hidden_size=256",
+    "model.arch.intermediate_size=688",
+    "model.arch.num_attention_heads=8",
+    "model.arch.num_key_value_heads=4",
+]
 
 
-def steady_rate(times: list[float], first: int = 10) -> float:
-    return (len(times) - first) / (times[-1] - times[first - 1])
+def steady_rate(steps: list[int], times: list[float], first: int = 10) -> float:
+    """Optimizer steps per second between step ``first`` and the last step."""
+    i = steps.index(first)
+    return (steps[-1] - steps[i]) / (times[-1] - times[i])
 
 
 def main() -> None:
@@ -48,21 +55,39 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
     data_file = write_instructions(work / "instruct.jsonl", n=2000)
     overrides = ARCH + [
-        "data=jsonl", "data.task=instruction", f"data.path={data_file}",
-        "data.max_length=64", f"deepspeed=zero{args.stage}", "strategy=full", "scaling=local",
-        f"train.max_steps={args.steps}", "train.micro_batch_size=8", "train.lr=1e-3", "train.warmup_steps=0",
-        f"train.eval_every={args.steps}", f"train.checkpoint_every={args.steps}", "train.log_every=1",
-        "train.eval_at_start=false", "run.export=false", f"run.output_dir={work}", "run.name=graft",
+        "data=jsonl",
+        "data.task=instruction",
+        f"data.path={data_file}",
+        "data.max_length=64",
+        f"deepspeed=zero{args.stage}",
+        "strategy=full",
+        "scaling=local",
+        f"train.max_steps={args.steps}",
+        "train.micro_batch_size=8",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+        f"train.eval_every={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.log_every=10",
+        "train.eval_at_start=false",
+        "run.export=false",
+        f"run.output_dir={work}",
+        "run.name=graft",
     ]
     cfg = compose(overrides)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     # 1. graft finetune, as a user runs it.
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "cluster.cli", "finetune", "-q", *overrides], cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "finetune", "-q", *overrides],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     records = [r for r in runlog.read(work / "graft") if "loss" in r]
-    graft_times = [r["time"] for r in records]
-    graft = {"steps_per_s": steady_rate(graft_times), "time_to_first_step_s": graft_times[0] - t0}
+    graft_steps, graft_times = [r["step"] for r in records], [r["time"] for r in records]
+    graft = {"steps_per_s": steady_rate(graft_steps, graft_times), "time_to_first_step_s": graft_times[0] - t0}
 
     # 2. The hand-written loop under torchrun: same model, data, DeepSpeed config.
     spec = {
@@ -73,17 +98,37 @@ def main() -> None:
     }
     (work / "spec.json").write_text(json.dumps(spec))
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    str(ROOT / "tests" / "benchmarks" / "minimal_ds_loop.py"), str(work / "plain.json"),
-                    str(work / "spec.json")], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "benchmarks" / "minimal_ds_loop.py"),
+            str(work / "plain.json"),
+            str(work / "spec.json"),
+        ],
+        cwd=ROOT,
+        env=dict(env, OMP_NUM_THREADS="1"),
+        check=True,
+    )
     plain_times = json.loads((work / "plain.json").read_text())["step_times"]
-    plain = {"steps_per_s": steady_rate(plain_times), "time_to_first_step_s": plain_times[0] - t0}
+    plain_steps = list(range(1, len(plain_times) + 1))
+    plain = {"steps_per_s": steady_rate(plain_steps, plain_times), "time_to_first_step_s": plain_times[0] - t0}
 
     result = {
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
-        "setup": {"model": "tiny LLaMA hidden 256, 4 blocks", "workers": 2, "zero_stage": args.stage,
-                  "micro_batch": 8, "seq_len<=": 64, "steps": args.steps},
-        "graft": graft, "torchrun_deepspeed": plain,
+        "setup": {
+            "model": "tiny LLaMA hidden 256, 4 blocks",
+            "workers": 2,
+            "zero_stage": args.stage,
+            "micro_batch": 8,
+            "seq_len<=": 64,
+            "steps": args.steps,
+        },
+        "graft": graft,
+        "torchrun_deepspeed": plain,
         "steps_per_s_ratio": graft["steps_per_s"] / plain["steps_per_s"],
     }
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
@@ -93,7 +138,9 @@ def main() -> None:
         f"| hand-written DeepSpeed loop (torchrun) | {plain['steps_per_s']:.2f} | {plain['time_to_first_step_s']:.1f} |\n"
         f"| ratio graft / plain | {result['steps_per_s_ratio']:.2f} | |\n"
     )
-    (out / "overhead.md").write_text(f"# Overhead ({result['machine']}, ZeRO-{args.stage}, 2 workers)\n\n{table}")
+    (out / "overhead.md").write_text(
+        f"# Overhead ({result['machine']}, ZeRO-{args.stage}, 2 workers)\n\n{table}"
+    )
     print(table)
 
 

@@ -30,12 +30,22 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model_cfg, data_cfg, train = ModelConfig(**spec["model"]), DataConfig(**spec["data"]), TrainConfig(**spec["train"])
+    model_cfg, data_cfg, train = (
+        ModelConfig(**spec["model"]),
+        DataConfig(**spec["data"]),
+        TrainConfig(**spec["train"]),
+    )
     model, tok = build(model_cfg)
     ds = data_lib.load(data_cfg)
     encoded = data_lib.encode(ds.train, tok, data_cfg, None)
-    batches = data_lib.train_batches(encoded, rank=rank, world_size=world, seed=0,
-                                     micro_batch_size=train.micro_batch_size, pad_id=tok.pad_token_id)
+    batches = data_lib.train_batches(
+        encoded,
+        rank=rank,
+        world_size=world,
+        seed=0,
+        micro_batch_size=train.micro_batch_size,
+        pad_id=tok.pad_token_id,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=spec["deepspeed"])
     times = []
@@ -46,7 +56,9 @@ def main() -> None:
         times.append(time.time())
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"started": float(os.environ.get("BENCH_T0", STARTED)), "step_times": times}, f)
+            json.dump(
+                {"started": float(os.environ.get("BENCH_T0", STARTED)), "step_times": times}, f
+            )
 
 
 if __name__ == "__main__":

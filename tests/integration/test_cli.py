@@ -18,15 +18,29 @@ GRAFT = [sys.executable, "-m", "cluster.cli"]
 
 
 def _graft(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*GRAFT, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.run(
+        [*GRAFT, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 @pytest.mark.integration
 def test_the_demo_runs_from_the_cli_and_transfers(tmp_path: Path) -> None:
     """`make demo` is `graft finetune` with no overrides; here with fewer steps."""
-    result = _graft("finetune", "-q", "train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20",
-                    "train.warmup_steps=2", f"run.output_dir={tmp_path}", "run.name=demo")
+    result = _graft(
+        "finetune",
+        "-q",
+        "train.max_steps=20",
+        "train.eval_every=20",
+        "train.checkpoint_every=20",
+        "train.warmup_steps=2",
+        f"run.output_dir={tmp_path}",
+        "run.name=demo",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "graft: done" in result.stdout
     records = runlog.read(tmp_path / "demo")
@@ -38,20 +52,36 @@ def test_the_demo_runs_from_the_cli_and_transfers(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_finetune_on_an_existing_cluster_by_address(tmp_path: Path, data_dir: Path, ray_2cpus: None) -> None:
+def test_finetune_on_an_existing_cluster_by_address(
+    tmp_path: Path, data_dir: Path, ray_2cpus: None
+) -> None:
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    result = _graft("finetune", "-q", *tiny_overrides(data_dir), "train.max_steps=6", "cluster=remote",
-                    f"cluster.address={address}", f"run.output_dir={tmp_path}", "run.name=remote")
+    result = _graft(
+        "finetune",
+        "-q",
+        *tiny_overrides(data_dir),
+        "train.max_steps=6",
+        "cluster=remote",
+        f"cluster.address={address}",
+        f"run.output_dir={tmp_path}",
+        "run.name=remote",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Ray at {address}" in result.stdout
     assert next(r for r in runlog.read(tmp_path / "remote") if r.get("event") == "end")["step"] == 6
 
 
 def test_an_unreachable_cluster_address_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
-    result = _graft("finetune", *tiny_overrides(data_dir), "cluster=remote", "cluster.address=127.0.0.1:1",
-                    f"run.output_dir={tmp_path}", timeout=60)
+    result = _graft(
+        "finetune",
+        *tiny_overrides(data_dir),
+        "cluster=remote",
+        "cluster.address=127.0.0.1:1",
+        f"run.output_dir={tmp_path}",
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "cluster.address" in result.stderr and "127.0.0.1:1" in result.stderr
     assert "Traceback" not in result.stderr
@@ -59,19 +89,35 @@ def test_an_unreachable_cluster_address_is_a_clear_error(tmp_path: Path, data_di
 
 def test_a_bad_value_is_a_clear_error_from_the_cli() -> None:
     result = _graft("finetune", "strategy=lora", "strategy.lora.r=0")
-    assert result.returncode == 2 and "strategy.lora.r" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "strategy.lora.r" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 def test_python_m_jobs_finetune_is_the_same_config() -> None:
-    result = subprocess.run([sys.executable, "-m", "jobs.finetune", "--cfg", "job", "strategy=lora"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.finetune", "--cfg", "job", "strategy=lora"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "name: lora" in result.stdout and "name: minilm" in result.stdout
 
 
-def test_too_many_workers_fail_before_the_embedded_ray_starts(tmp_path: Path, data_dir: Path) -> None:
-    result = _graft("finetune", *tiny_overrides(data_dir), "scaling.num_workers=3", f"run.output_dir={tmp_path}",
-                    timeout=120)
+def test_too_many_workers_fail_before_the_embedded_ray_starts(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    result = _graft(
+        "finetune",
+        *tiny_overrides(data_dir),
+        "scaling.num_workers=3",
+        f"run.output_dir={tmp_path}",
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "scaling.num_workers" in result.stderr and "3 workers" in result.stderr
     assert "Ray at" not in result.stdout  # no cluster was started

@@ -30,7 +30,11 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(
     ("group", "option"),
-    [(g, o) for g in ("model", "data", "strategy", "deepspeed", "scaling", "cluster") for o in _options(g)],
+    [
+        (g, o)
+        for g in ("model", "data", "strategy", "deepspeed", "scaling", "cluster")
+        for o in _options(g)
+    ],
 )
 def test_every_shipped_group_option_composes(group: str, option: str) -> None:
     overrides = [f"{group}={option}", *NEEDS.get((group, option), [])]
@@ -87,7 +91,9 @@ def test_bad_values_are_rejected_with_the_key(overrides: list[str], key: str) ->
     assert str(info.value).startswith(key)
 
 
-@pytest.mark.parametrize("override", ["train.nope=1", "model=no_such_model", "deepspeed.stage=three"])
+@pytest.mark.parametrize(
+    "override", ["train.nope=1", "model=no_such_model", "deepspeed.stage=three"]
+)
 def test_unknown_keys_and_wrong_types_fail_composition(override: str) -> None:
     with pytest.raises((HydraException, OmegaConfBaseException)) as info:
         compose([override])
@@ -101,13 +107,24 @@ def _preflight_error(overrides: list[str]) -> ConfigError:
 
 
 def test_freeze_depth_beyond_the_model_is_rejected(data_dir: Path) -> None:
-    err = _preflight_error(tiny_overrides(data_dir) + ["strategy=freeze_depth", "strategy.num_trainable_blocks=5"])
-    assert err.key == "strategy.num_trainable_blocks" and "4 blocks" in str(err) and "0..4" in str(err)
+    err = _preflight_error(
+        tiny_overrides(data_dir) + ["strategy=freeze_depth", "strategy.num_trainable_blocks=5"]
+    )
+    assert (
+        err.key == "strategy.num_trainable_blocks" and "4 blocks" in str(err) and "0..4" in str(err)
+    )
 
 
 def test_missing_model_path_is_rejected(data_dir: Path) -> None:
-    err = _preflight_error(["model=hf", "model.path=/no/such/model", "model.task=sequence_classification",
-                            "data=jsonl", f"data.path={data_dir / 'cls.jsonl'}"])
+    err = _preflight_error(
+        [
+            "model=hf",
+            "model.path=/no/such/model",
+            "model.task=sequence_classification",
+            "data=jsonl",
+            f"data.path={data_dir / 'cls.jsonl'}",
+        ]
+    )
     assert err.key == "model.path" and "/no/such/model" in str(err)
 
 
@@ -118,7 +135,9 @@ def test_missing_data_file_is_rejected() -> None:
 
 def test_malformed_jsonl_names_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine", "label": "a"}\n{"text": "also fine", "label": "b"}\n{"text": oops}\n')
+    bad.write_text(
+        '{"text": "fine", "label": "a"}\n{"text": "also fine", "label": "b"}\n{"text": oops}\n'
+    )
     err = _preflight_error(["model=tiny_bert", "data=jsonl", f"data.path={bad}"])
     assert err.key == "data.path" and f"{bad}:3" in str(err)
 
@@ -131,7 +150,9 @@ def test_record_missing_a_field_names_the_line(tmp_path: Path) -> None:
 
 
 def test_label_outside_the_label_set_is_rejected(data_dir: Path) -> None:
-    err = _preflight_error(tiny_overrides(data_dir, task="classification") + ["data.labels=[pos,neutral]"])
+    err = _preflight_error(
+        tiny_overrides(data_dir, task="classification") + ["data.labels=[pos,neutral]"]
+    )
     assert err.key == "data.labels" and "'neg'" in str(err)
 
 
@@ -139,5 +160,7 @@ def test_run_name_is_deterministic_and_tracks_training_settings() -> None:
     a, b = compose([]), compose([])
     assert run_name(a) == run_name(b)
     assert run_name(compose(["train.lr=3e-4"])) != run_name(a)
-    assert run_name(compose(["cluster.num_cpus=2"])) == run_name(a)  # where it runs is not what it is
+    assert run_name(compose(["cluster.num_cpus=2"])) == run_name(
+        a
+    )  # where it runs is not what it is
     assert run_name(compose(["run.name=mine"])) == "mine"

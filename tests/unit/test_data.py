@@ -31,7 +31,11 @@ def test_csv_with_custom_columns_and_a_bad_row(tmp_path: Path) -> None:
     good = tmp_path / "d.csv"
     good.write_text("review,stars\nloved it,5\nhated it,1\nfine,3\n")
     ds = data.load(_cfg(good, text_field="review", label_field="stars", eval_fraction=0.34))
-    assert ds.labels == ["1", "3", "5"] and {r["text"] for r in ds.train + ds.eval} == {"loved it", "hated it", "fine"}
+    assert ds.labels == ["1", "3", "5"] and {r["text"] for r in ds.train + ds.eval} == {
+        "loved it",
+        "hated it",
+        "fine",
+    }
     bad = tmp_path / "bad.csv"
     bad.write_text("review,stars\nloved it,5\n,1\n")
     with pytest.raises(ConfigError, match=r"bad.csv:3"):
@@ -42,7 +46,9 @@ def test_csv_with_custom_columns_and_a_bad_row(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_train_shards_are_disjoint_equal_and_reshuffled_each_epoch(world: int) -> None:
-    shards = [data.train_shard(101, rank=r, world_size=world, epoch=0, seed=0) for r in range(world)]
+    shards = [
+        data.train_shard(101, rank=r, world_size=world, epoch=0, seed=0) for r in range(world)
+    ]
     assert len({len(s) for s in shards}) == 1 and len(shards[0]) == 101 // world
     flat = list(itertools.chain(*shards))
     assert len(flat) == len(set(flat))
@@ -55,7 +61,9 @@ def test_resuming_mid_epoch_yields_the_same_batches(data_dir: Path) -> None:
     ds = data.load(cfg)
     enc = data.encode(ds.train, tok, cfg, ds.labels)
     kw = {"rank": 1, "world_size": 2, "seed": 3, "micro_batch_size": 8, "pad_id": tok.pad_token_id}
-    straight = list(itertools.islice(data.train_batches(enc, **kw), 30))  # crosses an epoch (13/epoch)
+    straight = list(
+        itertools.islice(data.train_batches(enc, **kw), 30)
+    )  # crosses an epoch (13/epoch)
     resumed = list(itertools.islice(data.train_batches(enc, start_micro_step=17, **kw), 13))
     for a, b in zip(straight[17:], resumed, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
@@ -79,16 +87,23 @@ def test_plain_text_is_packed_into_max_length_blocks(data_dir: Path) -> None:
     cfg = _cfg(data_dir / "text.txt", task="text", max_length=32)
     ds = data.load(cfg)
     blocks = data.encode(ds.train, tok, cfg, None)
-    assert all(len(b["input_ids"]) == 32 for b in blocks[:-1]) and blocks[0]["labels"] == blocks[0]["input_ids"]
+    assert (
+        all(len(b["input_ids"]) == 32 for b in blocks[:-1])
+        and blocks[0]["labels"] == blocks[0]["input_ids"]
+    )
     with pytest.raises(ConfigError, match="data.task=text"):
         data.load(_cfg(data_dir / "text.txt"))
 
 
 def test_eval_batches_line_up_across_ranks() -> None:
     enc = [{"input_ids": [1, 2, 3], "label": i % 2} for i in range(9)]
-    per_rank = [data.eval_batches(enc, rank=r, world_size=4, micro_batch_size=2, pad_id=0) for r in range(4)]
+    per_rank = [
+        data.eval_batches(enc, rank=r, world_size=4, micro_batch_size=2, pad_id=0) for r in range(4)
+    ]
     assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank
-    counted = sum(int(b["labels"].numel()) for batches in per_rank for b, counts in batches if counts)
+    counted = sum(
+        int(b["labels"].numel()) for batches in per_rank for b, counts in batches if counts
+    )
     assert counted == 9  # every example counted exactly once
 
 

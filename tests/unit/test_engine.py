@@ -10,17 +10,24 @@ from jobs import engine
 
 
 @pytest.mark.parametrize(("micro", "accum", "world"), [(8, 1, 1), (4, 4, 2), (2, 3, 8)])
-def test_global_batch_is_micro_times_accumulation_times_world(micro: int, accum: int, world: int) -> None:
+def test_global_batch_is_micro_times_accumulation_times_world(
+    micro: int, accum: int, world: int
+) -> None:
     train = TrainConfig(micro_batch_size=micro, grad_accum_steps=accum)
     ds = engine.deepspeed_config(DeepSpeedConfig(stage=2), train, world_size=world)
     assert ds["train_batch_size"] == micro * accum * world
-    assert ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
+    assert (
+        ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
+    )
     assert f"global batch {micro * accum * world}" in engine.describe_batch(train, world)
 
 
 def test_offload_and_stage3_settings() -> None:
-    ds = engine.deepspeed_config(DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True, bf16=True),
-                                 TrainConfig(), world_size=2)
+    ds = engine.deepspeed_config(
+        DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True, bf16=True),
+        TrainConfig(),
+        world_size=2,
+    )
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
     assert zero["offload_optimizer"]["device"] == "cpu" and ds["bf16"]["enabled"] is True
@@ -30,8 +37,13 @@ def test_offload_and_stage3_settings() -> None:
 def test_schedule_warms_up_then_decays_keeping_group_ratios(schedule: str) -> None:
     train = TrainConfig(max_steps=20, warmup_steps=4, schedule=schedule, lr=1.0)
     w = torch.nn.Parameter(torch.zeros(1))
-    opt = engine.optimizer([{"params": [w], "lr": 1.0, "name": "top"},
-                            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.25, "name": "low"}], train)
+    opt = engine.optimizer(
+        [
+            {"params": [w], "lr": 1.0, "name": "top"},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.25, "name": "low"},
+        ],
+        train,
+    )
     sched = engine.scheduler(opt, train)
     seen = []
     for _ in range(20):

@@ -18,8 +18,9 @@ LR = 1e-3
 
 
 def _model(name: str) -> tuple[nn.Module, Layout]:
-    model_cfg: ModelConfig = compose([f"model={name}", "data=wordnet_instruct"] if name == "tiny_llama"
-                                     else [f"model={name}"]).model
+    model_cfg: ModelConfig = compose(
+        [f"model={name}", "data=wordnet_instruct"] if name == "tiny_llama" else [f"model={name}"]
+    ).model
     model_cfg.task = "sequence_classification"  # a new head on both families
     model, _ = build(model_cfg, labels=["a", "b", "c"])
     return model, Layout.of(model.config)
@@ -33,8 +34,15 @@ def _blocks_of(names: set[str]) -> set[int]:
     return {int(m.group(1)) for n in names if (m := re.search(r"\.(?:layers|layer)\.(\d+)\.", n))}
 
 
-HEADS = {"tiny_llama": {"score.weight"}, "tiny_bert": {"classifier.weight", "classifier.bias",
-                                                        "bert.pooler.dense.weight", "bert.pooler.dense.bias"}}
+HEADS = {
+    "tiny_llama": {"score.weight"},
+    "tiny_bert": {
+        "classifier.weight",
+        "classifier.bias",
+        "bert.pooler.dense.weight",
+        "bert.pooler.dense.bias",
+    },
+}
 EMBEDDINGS = {"tiny_llama": "model.embed_tokens.", "tiny_bert": "bert.embeddings."}
 
 
@@ -57,8 +65,13 @@ def test_feature_extraction_trains_only_the_head(arch: str) -> None:
 @pytest.mark.parametrize("train_embeddings", [False, True])
 def test_freeze_depth_trains_the_top_k_blocks(arch: str, k: int, train_embeddings: bool) -> None:
     model, layout = _model(arch)
-    model = apply(model, StrategyConfig(name="freeze_depth", num_trainable_blocks=k,
-                                        train_embeddings=train_embeddings), layout)
+    model = apply(
+        model,
+        StrategyConfig(
+            name="freeze_depth", num_trainable_blocks=k, train_embeddings=train_embeddings
+        ),
+        layout,
+    )
     trainable = _trainable(model)
     assert layout.num_blocks == 4
     assert _blocks_of(trainable) == set(range(4 - k, 4))
@@ -74,14 +87,22 @@ def test_freeze_depth_trains_the_top_k_blocks(arch: str, k: int, train_embedding
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_bert"])
 @pytest.mark.parametrize("k", [None, 2])
-def test_lora_adapts_attention_in_the_top_k_blocks_and_trains_the_new_head(arch: str, k: int | None) -> None:
+def test_lora_adapts_attention_in_the_top_k_blocks_and_trains_the_new_head(
+    arch: str, k: int | None
+) -> None:
     model, layout = _model(arch)
-    model = apply(model, StrategyConfig(name="lora", num_trainable_blocks=k, lora=LoraConfig(r=4)), layout)
+    model = apply(
+        model, StrategyConfig(name="lora", num_trainable_blocks=k, lora=LoraConfig(r=4)), layout
+    )
     trainable = _trainable(model)
     adapters = {n for n in trainable if ".lora_" in n}
     others = trainable - adapters
     assert _blocks_of(adapters) == (set(range(4)) if k is None else {2, 3})
-    targets = {"q_proj", "k_proj", "v_proj", "o_proj"} if arch == "tiny_llama" else {"query", "key", "value"}
+    targets = (
+        {"q_proj", "k_proj", "v_proj", "o_proj"}
+        if arch == "tiny_llama"
+        else {"query", "key", "value"}
+    )
     assert {re.search(r"\.(\w+)\.lora_", n).group(1) for n in adapters} == targets  # type: ignore[union-attr]
     assert len(adapters) == 2 * len(targets) * (4 if k is None else 2)  # lora_A and lora_B each
     # The new head trains in full (peft modules_to_save); nothing else does.
@@ -107,12 +128,18 @@ def test_discriminative_lrs_decay_with_depth_and_the_head_has_its_own(arch: str)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         for p in g["params"]:
-            assert g["name"] == "head" or not g["name"].startswith("block.") or f".{g['name'][6:]}." in names[id(p)]
+            assert (
+                g["name"] == "head"
+                or not g["name"].startswith("block.")
+                or f".{g['name'][6:]}." in names[id(p)]
+            )
 
 
 def test_weight_decay_skips_biases_and_norms() -> None:
     model, layout = _model("tiny_bert")
-    groups = param_groups(apply(model, StrategyConfig(name="full"), layout), layout, lr=LR, weight_decay=0.1)
+    groups = param_groups(
+        apply(model, StrategyConfig(name="full"), layout), layout, lr=LR, weight_decay=0.1
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
         for p in g["params"]:
@@ -126,4 +153,5 @@ def test_discriminative_groups_cover_only_lora_and_head_under_lora() -> None:
     model = apply(model, StrategyConfig(name="lora", num_trainable_blocks=2), layout)
     groups = param_groups(model, layout, lr=LR, lr_ratio=0.8, head_lr_mult=2.0)
     assert {g["name"]: g["lr"] for g in groups} == pytest.approx(
-        {"block.2": LR * 0.8, "block.3": LR, "head": 2 * LR})
+        {"block.2": LR * 0.8, "block.3": LR, "head": 2 * LR}
+    )
