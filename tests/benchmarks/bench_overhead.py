@@ -87,7 +87,10 @@ def main() -> None:
     )
     records = [r for r in runlog.read(work / "graft") if "loss" in r]
     graft_steps, graft_times = [r["step"] for r in records], [r["time"] for r in records]
-    graft = {"steps_per_s": steady_rate(graft_steps, graft_times), "time_to_first_step_s": graft_times[0] - t0}
+    graft = {
+        "steps_per_s": steady_rate(graft_steps, graft_times),
+        "time_to_first_step_s": graft_times[0] - t0,
+    }
 
     # 2. The hand-written loop under torchrun: same model, data, DeepSpeed config.
     spec = {
@@ -115,7 +118,10 @@ def main() -> None:
     )
     plain_times = json.loads((work / "plain.json").read_text())["step_times"]
     plain_steps = list(range(1, len(plain_times) + 1))
-    plain = {"steps_per_s": steady_rate(plain_steps, plain_times), "time_to_first_step_s": plain_times[0] - t0}
+    plain = {
+        "steps_per_s": steady_rate(plain_steps, plain_times),
+        "time_to_first_step_s": plain_times[0] - t0,
+    }
 
     result = {
         "machine": f"{os.cpu_count()} CPU cores, no GPU",

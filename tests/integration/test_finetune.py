@@ -208,13 +208,19 @@ def test_lora_merged_export_matches_the_adapter(tmp_path: Path, data_dir: Path) 
 
 @pytest.mark.parametrize(
     ("extra", "rel"),
-    [(["deepspeed=zero3_offload", "deepspeed.bf16=true", "strategy=lora"], 2e-2),  # bf16 weights
-     (["deepspeed=zero1", "scaling=single", "strategy=freeze_depth"], 1e-4)],
+    [
+        (["deepspeed=zero3_offload", "deepspeed.bf16=true", "strategy=lora"], 2e-2),  # bf16 weights
+        (["deepspeed=zero1", "scaling=single", "strategy=freeze_depth"], 1e-4),
+    ],
     ids=["zero3-offload-bf16-lora", "zero1-1worker-freeze_depth"],
 )
-def test_offload_bf16_and_a_single_worker(tmp_path: Path, data_dir: Path, extra: list[str], rel: float) -> None:
+def test_offload_bf16_and_a_single_worker(
+    tmp_path: Path, data_dir: Path, extra: list[str], rel: float
+) -> None:
     cfg, records = _run(tmp_path, tiny_overrides(data_dir) + extra)
     end = _event(records, "end")
     assert _event(records, "start")["world_size"] == cfg.scaling.num_workers
     assert _event(records, "baseline")["eval_loss"] - end["eval_loss"] > 0.3
-    assert score_export(tmp_path / "run" / "export", cfg) == pytest.approx(end["eval_loss"], rel=rel)
+    assert score_export(tmp_path / "run" / "export", cfg) == pytest.approx(
+        end["eval_loss"], rel=rel
+    )

