@@ -40,6 +40,11 @@ def _positive(key: str, value: float | int) -> None:
         raise ConfigError(key, f"must be > 0, got {value}")
 
 
+def _non_negative(key: str, value: float | int, note: str = "") -> None:
+    if value < 0:
+        raise ConfigError(key, f"must be >= 0{note}, got {value}")
+
+
 def _one_of(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
@@ -141,10 +146,8 @@ class StrategyConfig:
 
     def check(self) -> None:
         _one_of("strategy.name", self.name, STRATEGIES)
-        if self.num_trainable_blocks is not None and self.num_trainable_blocks < 0:
-            raise ConfigError(
-                "strategy.num_trainable_blocks", f"must be >= 0, got {self.num_trainable_blocks}"
-            )
+        if self.num_trainable_blocks is not None:
+            _non_negative("strategy.num_trainable_blocks", self.num_trainable_blocks)
         if not 0.0 < self.lr_ratio <= 1.0:
             raise ConfigError("strategy.lr_ratio", f"must be in (0, 1], got {self.lr_ratio}")
         _positive("strategy.head_lr_mult", self.head_lr_mult)
@@ -180,10 +183,7 @@ class ScalingConfig:
     def check(self) -> None:
         _positive("scaling.num_workers", self.num_workers)
         _positive("scaling.cpus_per_worker", self.cpus_per_worker)
-        if self.gpus_per_worker < 0:
-            raise ConfigError(
-                "scaling.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}"
-            )
+        _non_negative("scaling.gpus_per_worker", self.gpus_per_worker)
 
 
 @dataclass
@@ -218,10 +218,7 @@ class EarlyStoppingConfig:
         _one_of("train.early_stopping.mode", self.mode, ("min", "max"))
         _one_of("train.early_stopping.metric", self.metric, ("eval_loss", "eval_accuracy"))
         _positive("train.early_stopping.patience", self.patience)
-        if self.min_delta < 0:
-            raise ConfigError(
-                "train.early_stopping.min_delta", f"must be >= 0, got {self.min_delta}"
-            )
+        _non_negative("train.early_stopping.min_delta", self.min_delta)
 
 
 @dataclass
@@ -261,12 +258,8 @@ class TrainConfig:
                 "train.warmup_steps",
                 f"must be in [0, train.max_steps={self.max_steps}), got {self.warmup_steps}",
             )
-        if self.weight_decay < 0:
-            raise ConfigError("train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm < 0:
-            raise ConfigError(
-                "train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
-            )
+        _non_negative("train.weight_decay", self.weight_decay)
+        _non_negative("train.max_grad_norm", self.max_grad_norm, " (0 = no clipping)")
         self.early_stopping.check()
 
 
