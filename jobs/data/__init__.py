@@ -184,7 +184,9 @@ def train_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro batches for this rank, epoch after epoch, starting at a global micro step
     (so a resumed run sees exactly the batches the uninterrupted run would have)."""
-    per_epoch = (len(encoded) // world_size) // micro_batch_size
+    per_epoch = micro_batches_per_epoch(
+        len(encoded), world_size=world_size, micro_batch_size=micro_batch_size
+    )
     if per_epoch == 0:
         raise ConfigError(
             "train.micro_batch_size",

@@ -38,10 +38,7 @@ def _leaf_names(model: nn.Module, paths: tuple[str, ...]) -> list[str]:
 
 
 def apply(model: nn.Module, cfg: StrategyConfig, layout: Layout) -> nn.Module:
-    is_classifier = (
-        getattr(model.config, "num_labels", 0)
-        and "ForSequenceClassification" in type(model).__name__
-    )
+    is_classifier = "ForSequenceClassification" in type(model).__name__
     # New heads (and embeddings, if asked) train in full and are saved with the adapter.
     modules_to_save = _leaf_names(model, layout.family.heads) if is_classifier else []
     if cfg.train_embeddings:

@@ -76,7 +76,10 @@ def test_every_experiment_composes(experiment: str) -> None:
         (["train.warmup_steps=500"], "train.warmup_steps"),
         (["scaling.num_workers=0"], "scaling.num_workers"),
         (["scaling.gpus_per_worker=-1"], "scaling.gpus_per_worker"),
-        (["strategy=freeze_depth", "strategy.num_trainable_blocks=-1"], "strategy.num_trainable_blocks"),
+        (
+            ["strategy=freeze_depth", "strategy.num_trainable_blocks=-1"],
+            "strategy.num_trainable_blocks",
+        ),
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["train.max_grad_norm=-1"], "train.max_grad_norm"),
         (["deepspeed.offload_params=true"], "deepspeed.offload_params"),
