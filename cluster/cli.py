@@ -2,10 +2,13 @@
 
 graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspeed=zero3
 graft finetune --cfg                  print the composed config and exit
+graft sweep [hydra overrides]         e.g. graft sweep sweep.num_trials=40 sweep.max_concurrent=4
+graft report runs/<sweep-name>        report.md/html, plots and best.yaml of a sweep
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -69,6 +72,51 @@ def finetune(
     except (ConfigError, ConnectionError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def sweep(
+    overrides: Overrides = None,
+    cfg: Annotated[
+        bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress lines.")] = False,
+) -> None:
+    """Sweep the transfer space with Optuna on Ray Tune (conf/sweep.yaml, conf/sweep/).
+    Rerunning the same command resumes the sweep."""
+    from conf.schema import ConfigError
+    from jobs import sweep as job
+    from jobs.config import to_yaml
+
+    config = _compose(overrides, "sweep")
+    if cfg:
+        typer.echo(to_yaml(config))
+        return
+    try:
+        job.run(config, show_progress=not quiet)
+    except (ConfigError, ConnectionError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A sweep directory, runs/<sweep-name>.")],
+    storage: Annotated[
+        str | None,
+        typer.Option(help="The study's storage URL, when it is not the one in sweep.json."),
+    ] = None,
+) -> None:
+    """Write a sweep's report: report.md, report.html, PNG plots and best.yaml."""
+    from conf.schema import ConfigError
+    from jobs.report import write_report
+
+    try:
+        out = write_report(run, storage=storage)
+    except (ConfigError, FileNotFoundError, KeyError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    typer.echo(f"{out / 'report.md'}\n{out / 'report.html'}\n{out / 'best.yaml'}")
 
 
 if __name__ == "__main__":

@@ -279,6 +279,110 @@ class RunConfig:
             raise ConfigError("run.name", f"must be a plain directory name, got {self.name!r}")
 
 
+SAMPLERS = ("tpe", "random", "qmc")
+SCHEDULERS = ("asha", "hyperband", "none")
+PARAM_TYPES = ("int", "float", "log_float", "categorical")
+BASELINES = ("none", "scratch", "linear_probe", "both")
+# What a trial reports and a study can optimize; eval_* come from the job's evals.
+OBJECTIVE_METRICS = ("eval_loss", "eval_accuracy", "trainable_params", "train_time_s")
+
+
+@dataclass
+class ParamSpec:
+    """One searched value. ``key`` is the config key it sets (``train.lr``); the entry's
+    name in ``sweep.space`` is the Optuna parameter name shown in plots and tables."""
+
+    key: str = MISSING
+    type: str = "float"
+    low: float | None = None
+    # int on strategy.num_trainable_blocks: None = the model's block count.
+    high: float | None = None
+    step: float | None = None
+    choices: list[Any] | None = None
+    # Sampled only when other parameters take one of these values, e.g.
+    # {strategy: [lora]}; otherwise the config keeps its own value.
+    when: dict[str, list[Any]] | None = None
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "eval_loss"
+    mode: str = "min"
+
+
+@dataclass
+class SweepConfig:
+    # The search space's name (conf/sweep/<name>.yaml).
+    name: str = MISSING
+    # Trials in the study in all (finished, pruned, running), across reruns and drivers.
+    num_trials: int = 8
+    # Trials run side by side (lowered to what the cluster fits at once).
+    max_concurrent: int = 1
+    sampler: str = "tpe"
+    seed: int = 0
+    # TPE: random trials before the model-based ones.
+    n_startup_trials: int = 4
+    # asha | hyperband | none; the budget is counted in evaluations (train.eval_every steps).
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    # scheduler=hyperband: asynchronous HyperBand with this many ASHA brackets.
+    hyperband_brackets: int = 3
+    # None = every evaluation a trial makes (train.max_steps / train.eval_every).
+    max_t: int | None = None
+    # The first objective drives pruning; two or more give a Pareto front.
+    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
+    # Optuna storage URL (any SQLAlchemy URL); None = sqlite:///<sweep dir>/study.db.
+    storage: str | None = None
+    # Study name; None = the sweep's run name.
+    study: str | None = None
+    # Reference runs with the best trial's settings: scratch (random init) and/or
+    # linear_probe (frozen backbone + head).
+    baseline: str = "none"
+    # Pretrained must beat scratch by at least this much, else NEGATIVE TRANSFER.
+    negative_transfer_margin: float = 0.0
+    # Parameter sets (by parameter name) tried first, e.g. the defaults you trust.
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _positive("sweep.num_trials", self.num_trials)
+        _positive("sweep.max_concurrent", self.max_concurrent)
+        _one_of("sweep.sampler", self.sampler, SAMPLERS)
+        _non_negative("sweep.n_startup_trials", self.n_startup_trials)
+        _one_of("sweep.scheduler", self.scheduler, SCHEDULERS)
+        _positive("sweep.grace_period", self.grace_period)
+        _positive("sweep.hyperband_brackets", self.hyperband_brackets)
+        if self.reduction_factor < 2:
+            raise ConfigError(
+                "sweep.reduction_factor", f"must be >= 2, got {self.reduction_factor}"
+            )
+        if self.max_t is not None:
+            _positive("sweep.max_t", self.max_t)
+            if self.grace_period > self.max_t:
+                raise ConfigError(
+                    "sweep.grace_period",
+                    f"{self.grace_period} is more than sweep.max_t={self.max_t}; allowed: 1..{self.max_t}",
+                )
+        if not self.objectives:
+            raise ConfigError("sweep.objectives", "needs at least one {metric, mode}")
+        for i, objective in enumerate(self.objectives):
+            _one_of(f"sweep.objectives[{i}].metric", objective.metric, OBJECTIVE_METRICS)
+            _one_of(f"sweep.objectives[{i}].mode", objective.mode, ("min", "max"))
+        if not self.objectives[0].metric.startswith("eval_"):
+            raise ConfigError(
+                "sweep.objectives[0].metric",
+                f"the first objective drives pruning and must be an eval metric (eval_loss, eval_accuracy), got {self.objectives[0].metric}",
+            )
+        _one_of("sweep.baseline", self.baseline, BASELINES)
+        _non_negative("sweep.negative_transfer_margin", self.negative_transfer_margin)
+        if self.study is not None and not self.study.strip():
+            raise ConfigError("sweep.study", "must not be empty")
+        if not self.space:
+            raise ConfigError("sweep.space", "is empty: give at least one parameter")
+        # Keys, bounds and conditions against the model are checked in jobs.space.
+
+
 @dataclass
 class FinetuneConfig:
     model: ModelConfig = MISSING
@@ -289,6 +393,8 @@ class FinetuneConfig:
     cluster: ClusterConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Set by `graft sweep` (conf/sweep.yaml); None for a single fine-tuning run.
+    sweep: SweepConfig | None = None
 
     def check(self) -> None:
         for group in (
@@ -302,6 +408,8 @@ class FinetuneConfig:
             self.run,
         ):
             group.check()
+        if self.sweep is not None:
+            self.sweep.check()
         if self.data.task == "classification" and self.model.task != "sequence_classification":
             raise ConfigError(
                 "model.task",
@@ -327,6 +435,7 @@ def register() -> None:
         ("deepspeed", DeepSpeedConfig),
         ("scaling", ScalingConfig),
         ("cluster", ClusterConfig),
+        ("sweep", SweepConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 

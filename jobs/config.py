@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
@@ -19,10 +21,36 @@ from conf.schema import FinetuneConfig
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "finetune") -> FinetuneConfig:
-    """The config ``graft finetune OVERRIDES`` would run, checked (raises ConfigError)."""
-    with initialize_config_module(version_base=None, config_module="conf"):
-        node = hydra_compose(config_name=config_name, overrides=list(overrides))
-    return to_plain(node)
+    """The config ``graft finetune OVERRIDES`` would run, checked (raises ConfigError).
+    ``config_name="sweep"`` composes ``graft sweep``'s config (conf/sweep.yaml)."""
+    with tempfile.TemporaryDirectory(prefix="graft-experiment-") as tmp:
+        resolved = _experiment_overrides(overrides, Path(tmp))
+        with initialize_config_module(version_base=None, config_module="conf"):
+            node = hydra_compose(config_name=config_name, overrides=resolved)
+        return to_plain(node)
+
+
+def _experiment_overrides(overrides: Sequence[str], tmp: Path) -> list[str]:
+    """``experiment=NAME`` and ``+experiment=NAME`` both select conf/experiment/NAME.yaml
+    (the defaults list has an ``experiment: null`` slot, so the ``+`` is optional).
+    A value that is a YAML file's path (a sweep's report/best.yaml) works too: the file
+    is put on Hydra's search path as experiment/<stem>.yaml."""
+    out: list[str] = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key in ("experiment", "+experiment"):
+            path = Path(value).expanduser()
+            if value.endswith((".yaml", ".yml")) or "/" in value:
+                if not path.is_file():
+                    raise ValueError(f"experiment: no such experiment file {value!r}")
+                (tmp / "experiment").mkdir(exist_ok=True)
+                (tmp / "experiment" / f"{path.stem}.yaml").write_text(path.read_text())
+                out.append(f"hydra.searchpath=[file://{tmp}]")
+                value = path.stem
+            out.append(f"experiment={value}")
+        else:
+            out.append(override)
+    return out
 
 
 def to_plain(node: DictConfig) -> FinetuneConfig:
@@ -37,7 +65,7 @@ def to_yaml(cfg: FinetuneConfig) -> str:
 
 
 # Keys that do not change what is trained: they stay out of the derived run name.
-_NOT_IN_NAME = ("run", "cluster")
+_NOT_IN_NAME = ("run", "cluster", "sweep")
 
 
 def run_name(cfg: FinetuneConfig) -> str:

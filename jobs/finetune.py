@@ -16,10 +16,14 @@ complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import math
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +52,49 @@ class Summary:
     export_dir: Path | None
 
 
-def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
-    """Fine-tune as ``cfg`` says. Callable in-process (tests) and from the CLI."""
+def make_trainer(
+    cfg: FinetuneConfig, run_dir: Path, *, started: float, callbacks: Sequence[Any] = ()
+) -> Any:
+    """The Ray Train gang for one run: ``cfg.scaling.num_workers`` DeepSpeed workers, its
+    checkpoints under ``run_dir/checkpoints`` (so the same run_dir resumes). Used by
+    ``run`` and by each sweep trial (which adds Tune's report callback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    early = cfg.train.early_stopping
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "started": started},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.gpus_per_worker > 0,
+            resources_per_worker=gang_bundle(cfg),
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.gpus_per_worker else "gloo"),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=early.metric if early.enabled else None,
+                checkpoint_score_order="max" if early.mode == "max" else "min",
+            ),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def gang_bundle(cfg: FinetuneConfig) -> dict[str, float]:
+    """The Ray resources of one training worker."""
+    bundle: dict[str, float] = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.gpus_per_worker:
+        bundle["GPU"] = cfg.scaling.gpus_per_worker
+    return bundle
+
+
+def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
+    """Fine-tune as ``cfg`` says. Callable in-process (tests) and from the CLI."""
     from cluster.connect import connect
     from jobs.progress import follow
 
@@ -76,30 +118,7 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
     cluster = connect(cfg.cluster, cfg.scaling)
     print(f"graft: Ray at {cluster['address']}, dashboard {cluster['dashboard']}")
 
-    early = cfg.train.early_stopping
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"cfg": cfg, "run_dir": str(run_dir), "started": started},
-        scaling_config=ScalingConfig(
-            num_workers=world,
-            use_gpu=cfg.scaling.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": cfg.scaling.cpus_per_worker,
-                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.gpus_per_worker else {}),
-            },
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.gpus_per_worker else "gloo"),
-        run_config=RunConfig(
-            name=CHECKPOINTS,
-            storage_path=str(run_dir),
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute=early.metric if early.enabled else None,
-                checkpoint_score_order="max" if early.mode == "max" else "min",
-            ),
-        ),
-    )
+    trainer = make_trainer(cfg, run_dir, started=started)
     with follow(run_dir / runlog.METRICS, total_steps=cfg.train.max_steps, enabled=show_progress):
         trainer.fit()
 
@@ -135,6 +154,8 @@ class State:
     best: float | None = None
     best_step: int | None = None
     evals_without_improvement: int = 0
+    # Wall time spent training, summed over sessions (a resumed run keeps counting).
+    train_time_s: float = 0.0
 
 
 def _resume_point(storage: Any) -> Path | None:
@@ -154,6 +175,22 @@ def _all_mean(value: float) -> float:
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return float(t.item())
+
+
+def config_digest(cfg: FinetuneConfig) -> str:
+    """A short hash of the config a worker trains with (sweep trials check all ranks agree)."""
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _ranks_agree(digest: str) -> bool:
+    if not torch.distributed.is_initialized():
+        return True
+    mine = torch.tensor([int(digest, 16) & (2**62 - 1)], dtype=torch.int64)
+    low, high = mine.clone(), mine.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return bool(low.item() == high.item())
 
 
 def _improved(value: float, best: float | None, *, mode: str, min_delta: float) -> bool:
@@ -195,6 +232,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     max_micro_steps = per_epoch * train.max_epochs if train.max_epochs else None
 
     log = runlog.RunLog(run_dir, enabled=rank == 0)
+    digest = config_digest(cfg)
+    if not _ranks_agree(digest):
+        raise RuntimeError(f"rank {rank}: the workers were given different configs")
     state = State()
     resume_from = _resume_point(context.get_storage())
     early = train.early_stopping
@@ -236,6 +276,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                     "trainable_params": trainable,
                     "total_params": total,
                     "global_batch": engine_lib.global_batch_size(train, world),
+                    "config_digest": digest,
                     "lr": dict(zip(group_names, engine.lr_scheduler.get_last_lr(), strict=True)),
                 }
             )
@@ -254,6 +295,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         )
         engine.train()
         window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, time.time()
+        clock = time.time()
         while state.step < phase.end_step and not stopped_early:
             if max_micro_steps is not None and state.micro_step >= max_micro_steps:
                 break
@@ -314,6 +356,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             # Ray's controller drains reports on its health-check tick (2 s by default), so
             # report only evals and checkpoints, not every logged step.
             if save or stopped_early or "eval_loss" in record:
+                state.train_time_s += time.time() - clock
+                clock = time.time()
+                record["evals"] = math.ceil(state.step / train.eval_every)
                 _report(engine, record, state, save=save or stopped_early, rank=rank, world=world)
             if train.fail_at_step is not None and state.step == train.fail_at_step:
                 raise RuntimeError(f"train.fail_at_step={train.fail_at_step}: injected failure")
@@ -325,7 +370,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         )
         ckpt.load(engine, best_dir, rank=rank, world_size=world)
     engine.eval()
-    final = evaluate(engine, eval_batches)
+    final: dict[str, Any] = {
+        **evaluate(engine, eval_batches),
+        "trainable_params": trainable,
+        "train_time_s": state.train_time_s,
+    }
     log.log(
         {
             "event": "end",
@@ -338,6 +387,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.run.export:
         export(engine, tokenizer, cfg, run_dir / "export", labels=dataset.labels)
     log.close()
+    # The run's result, also when a rerun found it already finished: a sweep trial's
+    # objective values come from this report ("final" tells a finished trial from a pruned one).
+    ray.train.report(
+        {**final, "step": state.step, "evals": math.ceil(state.step / train.eval_every), "final": 1}
+    )
 
 
 def _report(

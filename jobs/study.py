@@ -1,0 +1,227 @@
+"""The Optuna study behind a sweep: storage, heartbeats, budget, and what a rerun reclaims.
+
+    python -c "from jobs.study import open_storage; print(open_storage('sqlite:///runs/x.db'))"
+
+The study is the sweep's source of truth, so any number of drivers (a rerun after a
+crash, a second machine on the same PostgreSQL study) see the same trials:
+- every running trial gets a heartbeat from its driver; a trial whose heartbeat stops
+  is failed and re-queued (Optuna's RetryHeartbeatStaleTrialCallback), keeping its
+  params and intermediate values; the retry trains in the original trial's run
+  directory, so it resumes from that trial's last complete checkpoint;
+- a rerun on the same machine does not wait for the heartbeat to go stale: trials of a
+  driver whose process is gone (``<sweep>/drivers/<id>.json``) are re-queued at once;
+- the budget (``sweep.num_trials``) counts every trial except the failed ones that
+  were re-queued, so neither a rerun nor a second driver exceeds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from conf.schema import ConfigError, SweepConfig
+
+HEARTBEAT_S = 5
+GRACE_S = 20
+DRIVERS = "drivers"
+
+
+def storage_url(sweep: SweepConfig, sweep_dir: Path) -> str:
+    return sweep.storage or f"sqlite:///{sweep_dir / 'study.db'}"
+
+
+def open_storage(url: str) -> Any:
+    """An RDBStorage with heartbeats; ConfigError (naming sweep.storage) if it cannot be
+    opened, before any cluster resource is taken."""
+    import optuna
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            "sweep.storage",
+            f"{url!r} is not a database URL; e.g. sqlite:///path/study.db or postgresql://user@host/db",
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        parent = Path(parsed.database).expanduser().parent
+        if not parent.is_dir():
+            raise ConfigError("sweep.storage", f"{url!r}: directory {parent} does not exist")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs={"pool_pre_ping": True} if parsed.get_backend_name() != "sqlite" else {},
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                inherit_intermediate_values=True
+            ),
+        )
+    except Exception as e:  # sqlalchemy/driver errors: missing driver, refused, auth
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("sweep.storage", f"cannot open {redact(url)}: {reason}") from None
+
+
+def redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_sampler(sweep: SweepConfig, *, offset: int) -> Any:
+    """``offset`` (trials already in the study) moves the seed, so a rerun or a second
+    driver does not propose the same first points again."""
+    import optuna
+
+    seed = sweep.seed + offset
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sweep.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=sweep.n_startup_trials,
+        multivariate=True,
+        group=True,  # conditional space: model each strategy's parameters together
+        constant_liar=True,  # concurrent trials: do not propose the same point twice
+        warn_independent_sampling=False,
+    )
+
+
+def open_study(sweep: SweepConfig, storage: Any, name: str) -> Any:
+    import optuna
+
+    directions = ["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives]
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if name in existing:
+        found = [d.name.lower() for d in existing[name].directions]
+        if found != directions:
+            raise ConfigError(
+                "sweep.objectives",
+                f"study {name!r} exists with directions {found}, this sweep has {directions}; "
+                "use another sweep.study",
+            )
+    offset = existing[name].n_trials if name in existing else 0
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        directions=directions,
+        load_if_exists=True,
+        sampler=make_sampler(sweep, offset=offset),
+    )
+    study.set_metric_names([o.metric for o in sweep.objectives])
+    return study
+
+
+def budget_used(study: Any) -> int:
+    """Trials that count against sweep.num_trials: all but the failed ones re-queued."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+
+
+def origin(trial: Any) -> int:
+    """The number of the trial whose run directory this one uses (itself, or the
+    original of a retried trial)."""
+    history = trial.system_attrs.get("retry_history") or []
+    return int(history[0]) if history else int(trial.number)
+
+
+# ----------------------------------------------------------------- drivers and heartbeats
+def _process_start(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+class Driver:
+    """This process as a sweep driver: registers itself under <sweep>/drivers/, beats the
+    heart of its running trials, and unregisters on a clean exit."""
+
+    def __init__(self, sweep_dir: Path, storage: Any) -> None:
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.storage = storage
+        self.path = sweep_dir / DRIVERS / f"{self.id}.json"
+        self._trials: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="graft-heartbeat", daemon=True)
+
+    def __enter__(self) -> Driver:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid()}
+        me["started"] = _process_start(os.getpid())
+        self.path.write_text(json.dumps(me))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=HEARTBEAT_S * 2)
+        self.path.unlink(missing_ok=True)
+
+    def track(self, trial_id: int) -> None:
+        with self._lock:
+            self._trials.add(trial_id)
+        self.storage.record_heartbeat(trial_id)
+
+    def untrack(self, trial_id: int) -> None:
+        with self._lock:
+            self._trials.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._lock:
+                ids = list(self._trials)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # a finished trial, or a database hiccup: next beat retries
+                    pass
+
+
+def reclaim(study: Any, sweep_dir: Path) -> list[int]:
+    """Re-queue the running trials of drivers on this host whose process is gone (a
+    killed ``graft sweep``), without waiting for their heartbeats to go stale. Returns
+    the numbers of the trials re-queued."""
+    import copy
+
+    from optuna.trial import TrialState
+
+    dead: set[str] = set()
+    for path in sorted((sweep_dir / DRIVERS).glob("*.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if info.get("host") != socket.gethostname():
+            continue  # another machine's driver: its heartbeat decides
+        started = _process_start(int(info["pid"]))
+        if started is None or (info.get("started") and abs(started - info["started"]) > 1):
+            dead.add(info["id"])
+            path.unlink(missing_ok=True)
+    storage = study._storage
+    callback = storage.get_heartbeat_stale_trial_callback()
+    requeued = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("driver") in dead:
+            try:
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+                    requeued.append(trial.number)
+            except Exception:  # another driver got there first
+                continue
+    return requeued

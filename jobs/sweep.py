@@ -1,0 +1,523 @@
+"""The sweep job: Optuna over the transfer space, on Ray Tune, each trial a Ray Train gang.
+
+    python -m jobs.sweep [hydra overrides]          # same as: graft sweep [...]
+    python -m jobs.sweep model=tiny_bert data=jsonl data.path=x.jsonl sweep.num_trials=12
+
+Layers, top to bottom:
+  run(cfg)            the driver: checks, study, Tuner(searcher=StudySearcher, scheduler=ASHA),
+                      baselines, report
+  make_searcher       a Tune Searcher whose state lives in the Optuna study (so reruns and
+                      other drivers share it): ask -> sample the space -> trial config;
+                      results -> intermediate values; the end -> tell (complete/pruned/fail)
+  _trial(config)      one Tune trial: the trial's FinetuneConfig -> finetune.make_trainer
+Resources: a trial's driver function holds no CPU or GPU (only a little memory); its
+Train gang reserves the workers' bundles in its own placement group. Trials run at most
+as many at once as the cluster fits whole gangs, so a trial never waits on resources
+its own driver holds (the nested Tune/Train deadlock) and gangs never half-start.
+
+The sweep directory, runs/<sweep-name>/: sweep.json, config.yaml, study.db (SQLite
+default), trials/<n>/ (each a fine-tuning run directory), baselines/<kind>/, summary.json,
+report/ and drivers/ (the live drivers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from rich.console import Console
+
+from conf.schema import ConfigError, FinetuneConfig, ParamSpec, StrategyConfig, SweepConfig
+from jobs import config as config_lib
+from jobs import runlog
+from jobs import space as space_lib
+from jobs import study as study_lib
+from jobs.preflight import preflight
+
+console = Console(highlight=False, soft_wrap=True)
+# What a trial's driver function holds: no CPU (it only waits on its gang), some memory.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+# Sweep settings that do not change what is searched: they stay out of the sweep's name.
+_NOT_IN_NAME = ("num_trials", "max_concurrent", "storage", "study", "baseline")
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    sweep_dir: Path
+    study_name: str
+    storage: str
+    best: dict[str, Any] | None
+    baselines: dict[str, dict[str, Any]]
+    report_dir: Path | None
+
+
+def sweep_name(cfg: FinetuneConfig) -> str:
+    """``run.name``, or sweep-model-data-space-<hash>: rerunning the same command finds
+    the same directory and study (and resumes)."""
+    assert cfg.sweep is not None
+    if cfg.run.name:
+        return cfg.run.name
+    content = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run", "cluster")}
+    content["sweep"] = {k: v for k, v in content["sweep"].items() if k not in _NOT_IN_NAME}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return f"sweep-{cfg.model.name}-{cfg.data.name}-{cfg.sweep.name}-{digest[:8]}"
+
+
+def check(cfg: FinetuneConfig) -> tuple[dict[str, ParamSpec], int]:
+    """Every sweep error, before the study or Ray is touched: the base config, the space
+    against the model, the scheduler's budget. Returns (space, model blocks)."""
+    sweep = cfg.sweep
+    if sweep is None:
+        raise ConfigError("sweep", "missing: compose with config_name='sweep' (graft sweep)")
+    facts = preflight(cfg)
+    space = space_lib.check_space(cfg, num_blocks=facts.num_blocks)
+    evals = space_lib.evaluations(cfg)
+    if sweep.max_t is not None and sweep.max_t > evals:
+        raise ConfigError(
+            "sweep.max_t",
+            f"{sweep.max_t} is more than the {evals} evaluations a trial makes "
+            f"(train.max_steps={cfg.train.max_steps} / train.eval_every={cfg.train.eval_every}); allowed: 1..{evals}",
+        )
+    if sweep.max_t is None and sweep.grace_period > evals:
+        raise ConfigError(
+            "sweep.grace_period",
+            f"{sweep.grace_period} is more than the {evals} evaluations a trial makes; allowed: 1..{evals}",
+        )
+    base = space_lib.trial_base(cfg)
+    for i, params in enumerate(sweep.enqueue):
+        try:
+            preflight(space_lib.apply(base, space, params))
+        except ConfigError as e:
+            raise ConfigError(f"sweep.enqueue[{i}]", str(e)) from None
+    return space, facts.num_blocks
+
+
+def concurrency(cfg: FinetuneConfig) -> tuple[int, int]:
+    """(trials run at once, gangs the cluster fits at once)."""
+    import ray
+
+    from jobs.finetune import gang_bundle
+
+    assert cfg.sweep is not None
+    resources = ray.cluster_resources()
+    fits = min(
+        math.floor(resources.get(name, 0) / (amount * cfg.scaling.num_workers))
+        for name, amount in gang_bundle(cfg).items()
+    )
+    return max(1, min(cfg.sweep.max_concurrent, fits)), fits
+
+
+# --------------------------------------------------------------------------- searcher
+class StudySearcher(Searcher):  # type: ignore[misc]
+    """A Tune Searcher whose state is the Optuna study: ask -> sample the space -> the
+    trial's config; results -> the learning curve (and Optuna intermediate values); the
+    trial's end -> tell COMPLETE (its final report arrived), PRUNED (the scheduler stopped
+    it first) or FAIL."""
+
+    def __init__(
+        self,
+        sweep: SweepConfig,
+        space: dict[str, ParamSpec],
+        study: Any,
+        driver: study_lib.Driver,
+        sweep_dir: Path,
+        progress: Progress,
+    ) -> None:
+        super().__init__(metric=sweep.objectives[0].metric, mode=sweep.objectives[0].mode)
+        self.sweep, self.space, self.study = sweep, space, study
+        self.driver, self.sweep_dir, self.progress = driver, sweep_dir, progress
+        self.live: dict[str, Any] = {}
+        self.curves: dict[str, list[list[float]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its search algorithm into the experiment state; the study, the
+        # driver's heartbeat thread and live trials stay in this process.
+        skip = ("study", "driver", "progress", "live")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        import optuna
+
+        study, sweep = self.study, self.sweep
+        optuna.storages.fail_stale_trials(study)
+        if study_lib.budget_used(study) >= sweep.num_trials:
+            return Searcher.FINISHED
+        trial = study.ask()
+        if _counted_before(study, trial.number) >= sweep.num_trials:
+            trial.set_user_attr("over_budget", True)  # another driver took the last slot
+            study.tell(trial, state=TrialState.FAIL)
+            return Searcher.FINISHED
+        params = space_lib.sample(trial, self.space)
+        frozen = study._storage.get_trial(trial._trial_id)
+        origin = study_lib.origin(frozen)
+        run_dir = self.sweep_dir / "trials" / str(origin)
+        trial.set_user_attr("driver", self.driver.id)
+        trial.set_user_attr("tune_trial_id", trial_id)
+        trial.set_user_attr("run_dir", str(run_dir))
+        self.driver.track(trial._trial_id)
+        self.live[trial_id] = trial
+        self.curves[trial_id] = [list(p) for p in frozen.user_attrs.get("curve", [])]
+        self.progress.started(trial.number, params, resumed=origin != trial.number)
+        return {"number": trial.number, "params": params, "run_dir": str(run_dir)}
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        trial = self.live.get(trial_id)
+        metric = self.sweep.objectives[0].metric
+        if trial is None or metric not in result:
+            return
+        evals, value = int(result["evals"]), float(result[metric])
+        curve = self.curves[trial_id]
+        if not curve or curve[-1][0] < evals:
+            curve.append([evals, value])
+            trial.set_user_attr("curve", curve)
+            if len(self.sweep.objectives) == 1:  # Optuna keeps intermediate values for one
+                trial.report(value, step=evals)
+            self.progress.result(trial.number, evals, metric, value)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if result and not error:
+            self.on_trial_result(trial_id, result)  # the result the scheduler stopped it on
+        trial = self.live.pop(trial_id, None)
+        if trial is None:
+            return
+        self.driver.untrack(trial._trial_id)
+        objectives = self.sweep.objectives
+        if error or not result:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.progress.finished(trial.number, "failed", None)
+        elif result.get("final"):
+            values = [float(result[o.metric]) for o in objectives]
+            for key in ("trainable_params", "train_time_s", "step"):
+                if key in result:
+                    trial.set_user_attr(key, result[key])
+            self.study.tell(trial, values)
+            self.progress.finished(trial.number, "complete", values[0])
+        else:
+            trial.set_user_attr("stopped_at_eval", int(result.get("evals", 0)))
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.progress.finished(trial.number, "pruned", result.get(objectives[0].metric))
+
+
+def _counted_before(study: Any, number: int) -> int:
+    """Trials counted against the budget that were created before trial ``number``."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(
+        1
+        for t in trials
+        if t.number < number
+        and not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get("over_budget")))
+    )
+
+
+class Progress:
+    """Live progress on the driver: a line per trial start, evaluation and end, with the
+    running counts and the best value so far."""
+
+    def __init__(self, metric: str, mode: str, enabled: bool = True) -> None:
+        self.metric, self.mode, self.enabled = metric, mode, enabled
+        self.counts = {"running": 0, "complete": 0, "pruned": 0, "failed": 0}
+        self.best: tuple[float, int] | None = None
+        self._lock = threading.Lock()
+
+    def _print(self, text: str) -> None:
+        if self.enabled:
+            c = self.counts
+            best = f"{self.metric} {self.best[0]:.4g} (trial {self.best[1]})" if self.best else "-"
+            console.print(
+                f"[bold]sweep[/bold] {text}  [dim]| done {c['complete']} running {c['running']} "
+                f"pruned {c['pruned']} failed {c['failed']} | best {best}[/dim]"
+            )
+
+    def started(self, number: int, params: dict[str, Any], *, resumed: bool) -> None:
+        with self._lock:
+            self.counts["running"] += 1
+            verb = "resumes" if resumed else "starts"
+            self._print(f"trial {number} {verb}: {space_lib.describe(params)}")
+
+    def result(self, number: int, evals: int, metric: str, value: float) -> None:
+        with self._lock:
+            self._print(f"trial {number} eval {evals}: {metric} {value:.4g}")
+
+    def finished(self, number: int, outcome: str, value: float | None) -> None:
+        with self._lock:
+            self.counts["running"] -= 1
+            self.counts[outcome] += 1
+            if outcome == "complete" and value is not None:
+                better = self.best is None or (
+                    value > self.best[0] if self.mode == "max" else value < self.best[0]
+                )
+                if better:
+                    self.best = (value, number)
+            shown = f" at {value:.4g}" if value is not None else ""
+            self._print(f"trial {number} {outcome}{shown}")
+
+
+# --------------------------------------------------------------------------- trial
+def _trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, ParamSpec]) -> None:
+    """One Tune trial: build the trial's config from its params and run its Train gang.
+    The plain config crosses to every rank in train_loop_config, so all ranks agree."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.finetune import make_trainer
+
+    run_dir = Path(config["run_dir"])
+    cfg = space_lib.apply(base, space, config["params"])
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=run_dir.name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    (run_dir / "params.json").write_text(json.dumps(config["params"], indent=2))
+    make_trainer(cfg, run_dir, started=time.time(), callbacks=[TuneReportCallback()]).fit()
+
+
+def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    sweep = cfg.sweep
+    assert sweep is not None
+    if sweep.scheduler == "none":
+        return FIFOScheduler()
+    # Trials end by themselves after their last evaluation (stop_last_trials=False), so
+    # a finished trial always reaches its final report and is told COMPLETE.
+    return AsyncHyperBandScheduler(
+        time_attr="evals",
+        metric=sweep.objectives[0].metric,
+        mode=sweep.objectives[0].mode,
+        grace_period=sweep.grace_period,
+        reduction_factor=sweep.reduction_factor,
+        max_t=min(sweep.max_t or evals, evals),
+        brackets=1 if sweep.scheduler == "asha" else sweep.hyperband_brackets,
+        stop_last_trials=False,
+    )
+
+
+# --------------------------------------------------------------------------- driver
+def run(cfg: FinetuneConfig, *, show_progress: bool = True, report: bool = True) -> SweepSummary:
+    """Run (or resume) the sweep ``cfg`` describes. Callable in-process and from the CLI."""
+    import optuna
+    from ray import tune
+
+    from cluster.connect import connect
+
+    started = time.time()
+    sweep = cfg.sweep
+    space, num_blocks = check(cfg)
+    assert sweep is not None
+    name = sweep_name(cfg)
+    sweep_dir = (Path(cfg.run.output_dir) / name).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    url = study_lib.storage_url(sweep, sweep_dir)
+    storage = study_lib.open_storage(url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_name = sweep.study or name
+    study = study_lib.open_study(sweep, storage, study_name)
+    base = space_lib.trial_base(cfg)
+    evals = space_lib.evaluations(base)
+    (sweep_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    (sweep_dir / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "study": study_name,
+                "storage": url if sweep.storage is None else study_lib.redact(url),
+                "objectives": [dataclasses.asdict(o) for o in sweep.objectives],
+                "space": {k: dataclasses.asdict(v) for k, v in space.items()},
+                "evals_per_trial": evals,
+                "eval_every": base.train.eval_every,
+                "num_trials": sweep.num_trials,
+            },
+            indent=2,
+        )
+    )
+    console.print(f"graft: sweep {name} -> {sweep_dir}")
+    console.print(
+        f"graft: study {study_name!r} in {study_lib.redact(url)}; {sweep.num_trials} trials, "
+        f"{len(space)} parameters ({', '.join(space)}); {cfg.model.name} ({num_blocks} blocks); "
+        f"scheduler {sweep.scheduler} over {evals} evaluations of {base.train.eval_every} steps"
+    )
+    requeued = study_lib.reclaim(study, sweep_dir)
+    if requeued:
+        console.print(f"graft: re-queued trials {requeued} of a driver that is gone (they resume)")
+    if sweep.enqueue and not study.trials:
+        for params in sweep.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
+
+    cluster = connect(cfg.cluster, cfg.scaling)
+    console.print(f"graft: Ray at {cluster['address']}, dashboard {cluster['dashboard']}")
+    at_once, fits = concurrency(cfg)
+    if at_once < sweep.max_concurrent:
+        console.print(
+            f"graft: sweep.max_concurrent={sweep.max_concurrent} lowered to {at_once}: "
+            f"the cluster fits {fits} gang(s) of {cfg.scaling.num_workers} worker(s) at once"
+        )
+
+    remaining = sweep.num_trials - study_lib.budget_used(study)
+    primary = sweep.objectives[0]
+    progress = Progress(primary.metric, primary.mode, enabled=show_progress)
+    if remaining > 0:
+        with study_lib.Driver(sweep_dir, storage) as driver:
+            searcher = StudySearcher(sweep, space, study, driver, sweep_dir, progress)
+            trainable = tune.with_resources(
+                tune.with_parameters(_trial, base=base, space=space), TRIAL_DRIVER_RESOURCES
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=_scheduler(cfg, evals),
+                    num_samples=remaining,
+                    max_concurrent_trials=at_once,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"tune-{driver.id}",
+                    storage_path=str(sweep_dir / "tune"),
+                    verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+            tuner.fit()
+    else:
+        console.print(f"graft: the study already holds its {sweep.num_trials} trials")
+
+    best = best_trial(study)
+    baselines = run_baselines(cfg, space, best, sweep_dir) if best else {}
+    summary = summarize(cfg, best, baselines)
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary, time.time() - started)
+    report_dir = None
+    if report:
+        from jobs.report import write_report
+
+        report_dir = write_report(sweep_dir)
+        console.print(f"graft: report in {report_dir}")
+    return SweepSummary(sweep_dir, study_name, url, summary["best"], baselines, report_dir)
+
+
+def best_trial(study: Any) -> Any:
+    """The best complete trial by the first objective (for several objectives too: the
+    Pareto front is in the report)."""
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    sign = 1 if study.directions[0].name == "MAXIMIZE" else -1
+    return max(complete, key=lambda t: sign * t.values[0])
+
+
+# --------------------------------------------------------------------------- baselines
+def baseline_config(
+    cfg: FinetuneConfig, space: dict[str, ParamSpec], params: dict[str, Any], kind: str
+) -> FinetuneConfig:
+    """The best trial's settings as a reference run. scratch: same architecture, random
+    init, every weight trains (a frozen random backbone would be a strawman); linear_probe:
+    the pretrained backbone frozen, only the head trains."""
+    trial_cfg = space_lib.apply(space_lib.trial_base(cfg), space, params)
+    if kind == "scratch":
+        return dataclasses.replace(
+            trial_cfg,
+            model=dataclasses.replace(trial_cfg.model, pretrained=False),
+            strategy=StrategyConfig(name="full"),
+        )
+    return dataclasses.replace(trial_cfg, strategy=StrategyConfig(name="feature_extraction"))
+
+
+def run_baselines(
+    cfg: FinetuneConfig, space: dict[str, ParamSpec], best: Any, sweep_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Run (or reuse, when already finished) the configured baselines; their end records."""
+    from jobs.finetune import make_trainer
+
+    assert cfg.sweep is not None
+    kinds = {"none": [], "both": ["scratch", "linear_probe"]}.get(
+        cfg.sweep.baseline, [cfg.sweep.baseline]
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        run_dir = sweep_dir / "baselines" / kind
+        end = _end_record(run_dir)
+        if end is None:
+            bcfg = baseline_config(cfg, space, best.params, kind)
+            bcfg = dataclasses.replace(bcfg, run=dataclasses.replace(bcfg.run, name=kind))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_lib.to_yaml(bcfg))
+            console.print(f"graft: baseline {kind} with trial {best.number}'s settings -> {run_dir}")
+            make_trainer(bcfg, run_dir, started=time.time()).fit()
+            end = _end_record(run_dir)
+        if end is not None:
+            results[kind] = end
+    return results
+
+
+def _end_record(run_dir: Path) -> dict[str, Any] | None:
+    return next((r for r in reversed(runlog.read(run_dir)) if r.get("event") == "end"), None)
+
+
+def summarize(
+    cfg: FinetuneConfig, best: Any, baselines: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    assert cfg.sweep is not None
+    primary = cfg.sweep.objectives[0]
+    summary: dict[str, Any] = {"metric": primary.metric, "mode": primary.mode, "best": None}
+    if best is None:
+        return summary
+    summary["best"] = {"number": best.number, "values": best.values, "params": best.params}
+    sign = 1 if primary.mode == "max" else -1
+    summary["baselines"] = {k: v.get(primary.metric) for k, v in baselines.items()}
+    if "scratch" in baselines and primary.metric in baselines["scratch"]:
+        gain = sign * (best.values[0] - baselines["scratch"][primary.metric])
+        margin = cfg.sweep.negative_transfer_margin
+        summary["transfer_gain"] = gain
+        summary["negative_transfer"] = gain < margin if margin > 0 else gain <= 0
+        summary["margin"] = margin
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
+    best = summary.get("best")
+    if best is None:
+        console.print("graft: no trial completed")
+        return
+    metric = summary["metric"]
+    console.print(
+        f"graft: best trial {best['number']}: {metric} {best['values'][0]:.4g} "
+        f"({space_lib.describe(best['params'])}); {elapsed:.0f}s"
+    )
+    for kind, value in summary.get("baselines", {}).items():
+        if value is not None:
+            console.print(f"graft: baseline {kind}: {metric} {value:.4g}")
+    if "transfer_gain" in summary:
+        console.print(f"graft: transfer gain (best pretrained - scratch): {summary['transfer_gain']:+.4g}")
+        if summary["negative_transfer"]:
+            console.print(
+                f"[bold red]graft: NEGATIVE TRANSFER[/bold red]: the pretrained model does not beat "
+                f"random init by the margin {summary['margin']:g} on {metric}"
+            )
+
+
+# --------------------------------------------------------------------------- entry point
+def main() -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path="../conf", config_name="sweep", version_base=None)
+    def _main(node: DictConfig) -> None:
+        run(config_lib.to_plain(node))
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
