@@ -237,6 +237,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
     state = State()
     resume_from = _resume_point(context.get_storage())
+    if resume_from is None:
+        log.reset()
     early = train.early_stopping
     stopped_early = False
 

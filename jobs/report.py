@@ -13,6 +13,7 @@ import dataclasses
 import html
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def plot_importances(importances: dict[str, float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(importances)))
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (fANOVA)", title="Parameter importances")
+    ax.set(xlabel="importance (Optuna PED-ANOVA)", title="Parameter importances")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -278,9 +279,13 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
     complete = [r for r in rows if r.state == "COMPLETE"]
     if len(complete) >= 3:
         try:
-            importances = optuna.importance.get_param_importances(
-                study, target=lambda t: t.values[0]
-            )
+            # Optuna's default evaluator (PED-ANOVA) explains reaching *low* target values.
+            sign = -1.0 if mode == "max" else 1.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(
+                    study, target=lambda t: sign * t.values[0]
+                )
             plot("importances.png", "Parameter importances", plot_importances, importances)
         except Exception as e:
             notes.append(f"Parameter importances: not computed ({type(e).__name__}: {e})")

@@ -31,9 +31,18 @@ class RunLog:
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
+    def reset(self) -> None:
+        """A run that starts from step 0 again (no complete checkpoint) starts a fresh file."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
     def truncate_after(self, step: int) -> None:
         if self.enabled and self.path.is_file():
-            kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step]
+            kept = [
+                r
+                for r in read(self.path.parent)
+                if r.get("step", 0) <= step and r.get("event") != "end"
+            ]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -121,13 +121,27 @@ def open_study(sweep: SweepConfig, storage: Any, name: str) -> Any:
     return study
 
 
-def budget_used(study: Any) -> int:
-    """Trials that count against sweep.num_trials: all but the failed ones re-queued."""
+def budget_used(study: Any, *, before: int | None = None) -> int:
+    """Trials that used up the budget (sweep.num_trials): all but the queued ones
+    (WAITING: they are the budget's own retries and enqueued points), the failed ones
+    that were re-queued, and over-budget slips. ``before``: only trials numbered lower."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     retried = {number for t in trials for number in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    return sum(
+        1
+        for t in trials
+        if (before is None or t.number < before)
+        and t.state != TrialState.WAITING
+        and not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get("over_budget")))
+    )
+
+
+def queued(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def origin(trial: Any) -> int:

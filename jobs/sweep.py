@@ -28,6 +28,7 @@ import json
 import math
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +149,18 @@ class StudySearcher(Searcher):  # type: ignore[misc]
 
         study, sweep = self.study, self.sweep
         optuna.storages.fail_stale_trials(study)
-        if study_lib.budget_used(study) >= sweep.num_trials:
+        if not study_lib.queued(study) and study_lib.budget_used(study) >= sweep.num_trials:
             return Searcher.FINISHED
-        trial = study.ask()
-        if _counted_before(study, trial.number) >= sweep.num_trials:
+        with warnings.catch_warnings():  # "heartbeat ... used with Study.optimize": we beat it
+            warnings.simplefilter("ignore")
+            trial = study.ask()  # a queued trial (retry, enqueued point) first, else a new one
+        frozen = study._storage.get_trial(trial._trial_id)
+        was_queued = bool(frozen.params) or "fixed_params" in frozen.system_attrs
+        if not was_queued and study_lib.budget_used(study, before=trial.number) >= sweep.num_trials:
             trial.set_user_attr("over_budget", True)  # another driver took the last slot
             study.tell(trial, state=TrialState.FAIL)
             return Searcher.FINISHED
         params = space_lib.sample(trial, self.space)
-        frozen = study._storage.get_trial(trial._trial_id)
         origin = study_lib.origin(frozen)
         run_dir = self.sweep_dir / "trials" / str(origin)
         trial.set_user_attr("driver", self.driver.id)
@@ -175,11 +179,16 @@ class StudySearcher(Searcher):  # type: ignore[misc]
             return
         evals, value = int(result["evals"]), float(result[metric])
         curve = self.curves[trial_id]
-        if not curve or curve[-1][0] < evals:
-            curve.append([evals, value])
+        new_point = not curve or curve[-1][0] < evals
+        if new_point or curve[-1] != [evals, value]:
+            # A retry that restarted before its predecessor's last point replaces the tail.
+            curve[:] = [p for p in curve if p[0] < evals] + [[evals, value]]
             trial.set_user_attr("curve", curve)
+        if new_point:
             if len(self.sweep.objectives) == 1:  # Optuna keeps intermediate values for one
-                trial.report(value, step=evals)
+                with warnings.catch_warnings():  # a retry may repeat an inherited step
+                    warnings.simplefilter("ignore")
+                    trial.report(value, step=evals)
             self.progress.result(trial.number, evals, metric, value)
 
     def on_trial_complete(
@@ -206,20 +215,6 @@ class StudySearcher(Searcher):  # type: ignore[misc]
             trial.set_user_attr("stopped_at_eval", int(result.get("evals", 0)))
             self.study.tell(trial, state=TrialState.PRUNED)
             self.progress.finished(trial.number, "pruned", result.get(objectives[0].metric))
-
-
-def _counted_before(study: Any, number: int) -> int:
-    """Trials counted against the budget that were created before trial ``number``."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(
-        1
-        for t in trials
-        if t.number < number
-        and not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get("over_budget")))
-    )
 
 
 class Progress:
@@ -363,7 +358,7 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True, report: bool = True)
             f"the cluster fits {fits} gang(s) of {cfg.scaling.num_workers} worker(s) at once"
         )
 
-    remaining = sweep.num_trials - study_lib.budget_used(study)
+    remaining = sweep.num_trials - study_lib.budget_used(study)  # queued trials included
     primary = sweep.objectives[0]
     progress = Progress(primary.metric, primary.mode, enabled=show_progress)
     if remaining > 0:

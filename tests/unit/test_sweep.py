@@ -1,0 +1,345 @@
+"""The sweep's parts that need no Ray: the space (checks, sampling, applying), names,
+the study bookkeeping (budget, reclaiming a dead driver's trials) on a real SQLite
+Optuna study, experiment files, and the report from a real study."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conf.schema import ConfigError
+from jobs import space as space_lib
+from jobs import study as study_lib
+from jobs.config import compose, run_name
+from jobs.report import write_report
+from jobs.sweep import check, summarize, sweep_name
+from tests.conftest import tiny_overrides
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _sweep(data_dir: Path, *extra: str, task: str = "classification") -> list[str]:
+    return tiny_overrides(data_dir, task=task) + list(extra)
+
+
+def _cfg(data_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return compose(_sweep(data_dir, *extra), config_name="sweep")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("sweep.space.lr.low=0.1", "sweep.space.lr.low"),  # low > high
+        ("sweep.space.lora_rank.choices=[]", "sweep.space.lora_rank.choices"),
+        ("sweep.space.lr.key=train.learning_rate", "sweep.space.lr.key"),
+        ("sweep.space.lr.key=scaling.num_workers", "sweep.space.lr.key"),
+        ("sweep.space.lr.key=strategy.lora", "sweep.space.lr.key"),
+        ("sweep.space.lr.type=gaussian", "sweep.space.lr.type"),
+        ("sweep.space.lr.low=0", "sweep.space.lr.low"),  # log_float needs low > 0
+        ("sweep.space.freeze_depth.high=9", "sweep.space.freeze_depth.high"),  # > 4 blocks
+        ("sweep.space.freeze_depth.low=1.5", "sweep.space.freeze_depth.low"),
+        ("sweep.space.lr_ratio.high=1.5", "sweep.space.lr_ratio.low"),
+        ("sweep.space.lora_rank.when={strategy:[adapters]}", "sweep.space.lora_rank.when.strategy"),
+        ("+sweep.space.freeze_depth.when.lr_ratio=[0.5]", "sweep.space.freeze_depth.when"),  # later
+        ("sweep.space.strategy.choices=[full,prefix_tuning]", "sweep.space.strategy.choices"),
+        ("sweep.space.lora_alpha.key=strategy.lora.r", "sweep.space.lora_alpha.key"),  # twice
+        ("+sweep.enqueue=[{depth:2}]", "sweep.enqueue[0].depth"),
+        ("+sweep.enqueue=[{lr:5.0}]", "sweep.enqueue[0].lr"),
+        ("sweep.max_t=4", "sweep.max_t"),  # a trial makes only 2 evaluations
+    ],
+)
+def test_bad_spaces_are_rejected_with_the_key(data_dir: Path, override: str, key: str) -> None:
+    cfg = _cfg(data_dir, override)
+    with pytest.raises(ConfigError) as e:
+        check(cfg)
+    assert e.value.key == key, str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("sweep.grace_period=3", "sweep.grace_period"),  # with max_t=2
+        ("sweep.reduction_factor=1", "sweep.reduction_factor"),
+        ("sweep.num_trials=0", "sweep.num_trials"),
+        ("sweep.scheduler=pbt", "sweep.scheduler"),
+        ("sweep.sampler=grid", "sweep.sampler"),
+        ("sweep.baseline=imagenet", "sweep.baseline"),
+        ("sweep.objectives=[{metric:bleu,mode:max}]", "sweep.objectives[0].metric"),
+        ("sweep.objectives=[{metric:trainable_params,mode:min}]", "sweep.objectives[0].metric"),
+        ("sweep.objectives=[{metric:eval_loss,mode:down}]", "sweep.objectives[0].mode"),
+    ],
+)
+def test_bad_sweep_settings_are_rejected_when_composed(
+    data_dir: Path, override: str, key: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        _cfg(data_dir, "sweep.max_t=2", override)
+    assert e.value.key == key
+
+
+def test_an_empty_space_is_rejected(data_dir: Path) -> None:
+    sweep = _cfg(data_dir).sweep
+    assert sweep is not None
+    with pytest.raises(ConfigError, match="sweep.space: is empty"):
+        dataclasses.replace(sweep, space={}).check()
+
+
+@pytest.mark.parametrize("space", ["transfer", "lora"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_bert"])
+def test_shipped_spaces_check_against_tiny_models(data_dir: Path, space: str, model: str) -> None:
+    task = "classification" if model == "tiny_bert" else "instruction"
+    cfg = compose(tiny_overrides(data_dir, task=task, model=model) + [f"sweep={space}"], "sweep")
+    checked, blocks = check(cfg)
+    bounded = [s for s in checked.values() if s.key == "strategy.num_trainable_blocks"]
+    assert bounded and bounded[0].high == blocks == 4  # `high: null` = the model's blocks
+
+
+def test_default_sweep_composes_for_the_embedded_demo() -> None:
+    cfg = compose([], config_name="sweep")
+    assert cfg.model.name == "minilm" and cfg.sweep is not None
+    assert cfg.sweep.baseline == "scratch"
+    assert cfg.sweep.objectives[0].metric == "eval_accuracy"
+    assert set(cfg.sweep.space) == {
+        "strategy",
+        "freeze_depth",
+        "lr",
+        "lr_ratio",
+        "lora_rank",
+        "lora_alpha",
+    }
+    assert cfg.sweep.space["lora_rank"].choices == [4, 8, 16, 32, 64]
+
+
+def test_conditional_sampling_follows_the_strategy(data_dir: Path) -> None:
+    cfg = _cfg(data_dir)
+    space, blocks = check(cfg)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        params = space_lib.sample(trial, space)
+        study.tell(trial, 0.0)
+        strategy = params["strategy"]
+        seen.add(strategy)
+        assert ("lora_rank" in params) == ("lora_alpha" in params) == (strategy == "lora")
+        assert ("freeze_depth" in params) == (strategy == "freeze_depth")
+        assert ("lr_ratio" in params) == (strategy != "feature_extraction")
+        assert 1e-5 <= params["lr"] <= 3e-3
+        if "freeze_depth" in params:
+            assert 1 <= params["freeze_depth"] <= blocks
+        trial_cfg = space_lib.apply(space_lib.trial_base(cfg), space, params)
+        assert trial_cfg.strategy.name == strategy and trial_cfg.train.lr == params["lr"]
+        assert trial_cfg.sweep is None and trial_cfg.run.export is False
+        if strategy == "lora":
+            assert trial_cfg.strategy.lora.r == params["lora_rank"]
+            assert trial_cfg.strategy.lora.alpha == params["lora_alpha"]
+    assert seen == {"feature_extraction", "freeze_depth", "lora", "full"}
+
+
+def test_apply_rejects_an_unknown_parameter(data_dir: Path) -> None:
+    cfg = _cfg(data_dir)
+    space, _ = check(cfg)
+    with pytest.raises(ConfigError, match="sweep.space.depth"):
+        space_lib.apply(cfg, space, {"depth": 2})
+
+
+def test_max_t_cuts_trials_to_its_evaluations(data_dir: Path) -> None:
+    cfg = _cfg(data_dir, "train.max_steps=24", "train.eval_every=4", "sweep.max_t=3")
+    assert space_lib.trial_base(cfg).train.max_steps == 12
+    assert space_lib.evaluations(space_lib.trial_base(cfg)) == 3
+
+
+def test_names_are_deterministic_and_ignore_how_many_and_where(data_dir: Path) -> None:
+    a = _cfg(data_dir)
+    assert sweep_name(a) == sweep_name(_cfg(data_dir))
+    assert sweep_name(a) == sweep_name(
+        _cfg(data_dir, "sweep.num_trials=40", "sweep.max_concurrent=4", "sweep.storage=sqlite:///x.db")
+    )
+    assert sweep_name(a) != sweep_name(_cfg(data_dir, "sweep.space.lr.high=1e-2"))
+    # A trial's run name (and so its checkpoints) does not depend on the sweep settings.
+    plain = compose(tiny_overrides(data_dir, task="classification"))
+    assert run_name(dataclasses.replace(a, sweep=None)) == run_name(plain)
+
+
+# --------------------------------------------------------------------------- study bookkeeping
+def _storage(tmp_path: Path):  # type: ignore[no-untyped-def]
+    return study_lib.open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_reclaim_requeues_only_a_dead_drivers_running_trials(data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(data_dir, "sweep.num_trials=4")
+    assert cfg.sweep is not None
+    storage = _storage(tmp_path)
+    study = study_lib.open_study(cfg.sweep, storage, "s")
+    done = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)})
+    study.tell(done, 1.0)
+    orphan = study.ask({"lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)})
+    orphan.report(2.0, step=1)
+    orphan.set_user_attr("driver", "dead-driver")
+    other = study.ask()
+    other.set_user_attr("driver", "somebody-else")
+    drivers = tmp_path / study_lib.DRIVERS
+    drivers.mkdir()
+    import socket
+
+    (drivers / "dead-driver.json").write_text(
+        json.dumps({"id": "dead-driver", "host": socket.gethostname(), "pid": _dead_pid()})
+    )
+    assert study_lib.budget_used(study) == 3
+    assert study_lib.reclaim(study, tmp_path) == [orphan.number]
+    trials = study.get_trials()
+    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
+    retry = trials[3]
+    assert retry.state == TrialState.WAITING and retry.params == orphan.params
+    assert retry.intermediate_values == {1: 2.0}  # the learning curve so far is kept
+    assert study_lib.origin(retry) == orphan.number  # it trains in the original's run dir
+    # The failed original no longer counts, its queued retry does (once it runs).
+    assert study_lib.budget_used(study) == 2 and study_lib.queued(study) == 1
+    assert not (drivers / "dead-driver.json").exists()
+
+
+def test_a_live_driver_keeps_its_trials(data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(data_dir)
+    assert cfg.sweep is not None
+    storage = _storage(tmp_path)
+    study = study_lib.open_study(cfg.sweep, storage, "s")
+    with study_lib.Driver(tmp_path, storage) as driver:
+        trial = study.ask()
+        trial.set_user_attr("driver", driver.id)
+        driver.track(trial._trial_id)
+        assert study_lib.reclaim(study, tmp_path) == []
+        optuna.storages.fail_stale_trials(study)  # its heartbeat is fresh
+        assert study.get_trials()[0].state == TrialState.RUNNING
+    assert not driver.path.exists()
+
+
+def test_storage_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sweep.storage"):
+        study_lib.open_storage("not a url")
+    with pytest.raises(ConfigError, match="does not exist"):
+        study_lib.open_storage(f"sqlite:///{tmp_path}/missing/dir/study.db")
+    with pytest.raises(ConfigError, match="sweep.storage: cannot open"):
+        study_lib.open_storage("postgresql://nobody@127.0.0.1:1/nothing")
+
+
+def test_an_existing_study_with_other_directions_is_refused(data_dir: Path, tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    one = _cfg(data_dir).sweep
+    two = _cfg(data_dir, "sweep.objectives=[{metric:eval_loss,mode:min}]").sweep
+    assert one is not None and two is not None
+    study_lib.open_study(one, storage, "s")
+    with pytest.raises(ConfigError, match="sweep.objectives"):
+        study_lib.open_study(two, storage, "s")
+
+
+# --------------------------------------------------------------------------- experiment files
+def test_experiment_accepts_plus_and_a_file_path(tmp_path: Path) -> None:
+    assert compose(["+experiment=smollm2_lora"]).model.name == "smollm2_135m"
+    path = tmp_path / "best.yaml"
+    path.write_text("# @package _global_\nstrategy:\n  name: lora\n  lora:\n    r: 4\ntrain:\n  lr: 0.00123\n")
+    cfg = compose([f"+experiment={path}", "train.max_steps=7"])
+    assert (cfg.strategy.name, cfg.strategy.lora.r, cfg.train.lr) == ("lora", 4, 0.00123)
+    assert cfg.train.max_steps == 7
+    with pytest.raises(ValueError, match="no such experiment file"):
+        compose([f"+experiment={tmp_path / 'nope.yaml'}"])
+
+
+# --------------------------------------------------------------------------- report
+def _fake_sweep(data_dir: Path, tmp_path: Path, objectives: str) -> Path:
+    """A real SQLite study with complete, pruned and failed trials, as a sweep writes it."""
+    from jobs.config import to_yaml
+
+    cfg = _cfg(data_dir, f"sweep.objectives={objectives}")
+    assert cfg.sweep is not None
+    space, _ = check(cfg)
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    url = f"sqlite:///{sweep_dir / 'study.db'}"
+    study = study_lib.open_study(cfg.sweep, study_lib.open_storage(url), "s")
+    study.sampler = optuna.samplers.RandomSampler(seed=1)
+    multi = len(cfg.sweep.objectives) > 1
+    for i in range(7):
+        trial = study.ask()
+        params = space_lib.sample(trial, space)
+        curve = [[e, 0.5 + 0.05 * i - 0.1 * e] for e in (1, 2) if not (i == 2 and e == 2)]
+        trial.set_user_attr("curve", curve)
+        if i == 2:
+            trial.set_user_attr("stopped_at_eval", 1)
+            study.tell(trial, state=TrialState.PRUNED)
+        elif i == 5:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            values = [curve[-1][1]] + ([1000.0 * (7 - i)] if multi else [])
+            study.tell(trial, values if multi else values[0])
+        del params
+    (sweep_dir / "config.yaml").write_text(to_yaml(cfg))
+    (sweep_dir / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": "sweep",
+                "study": "s",
+                "storage": url,
+                "objectives": [dataclasses.asdict(o) for o in cfg.sweep.objectives],
+                "space": {k: dataclasses.asdict(v) for k, v in space.items()},
+                "evals_per_trial": 2,
+                "eval_every": 6,
+                "num_trials": 7,
+            }
+        )
+    )
+    from jobs.sweep import best_trial
+
+    best = best_trial(study)
+    summary = summarize(cfg, best, {"scratch": {cfg.sweep.objectives[0].metric: best.values[0] + 0.5}})
+    (sweep_dir / "summary.json").write_text(json.dumps(summary))
+    return sweep_dir
+
+
+def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> None:
+    sweep_dir = _fake_sweep(data_dir, tmp_path, "[{metric:eval_loss,mode:min}]")
+    out = write_report(sweep_dir)
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep_dir / 'study.db'}")
+    best = study.best_trial
+    assert f"Best trial: {best.number}" in md and f"Best trial: {best.number}" in page
+    # Scratch did worse than the best (higher loss): no negative-transfer warning.
+    assert "NEGATIVE TRANSFER" not in md and "Transfer gain" in md
+    assert "| 2 | pruned |" in md and "| 5 | fail |" in md
+    for name in ("history", "curves", "slices", "importances", "baselines"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+        assert f"{name}.png" in md and f"{name}.png" in page
+    experiment = (out / "best.yaml").read_text()
+    assert experiment.startswith("# @package _global_")
+    rerun = compose([f"+experiment={out / 'best.yaml'}"])
+    assert rerun.train.lr == pytest.approx(best.params["lr"])
+    assert rerun.strategy.name == best.params["strategy"]
+    assert rerun.data.path == str(data_dir / "cls.jsonl")
+
+
+def test_report_pareto_front_and_negative_transfer(data_dir: Path, tmp_path: Path) -> None:
+    sweep_dir = _fake_sweep(
+        data_dir,
+        tmp_path,
+        "[{metric:eval_accuracy,mode:max},{metric:trainable_params,mode:min}]",
+    )
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["negative_transfer"] is True  # scratch scored higher accuracy
+    out = write_report(sweep_dir)
+    md = (out / "report.md").read_text()
+    assert "NEGATIVE TRANSFER" in md and "(Pareto)" in md
+    assert (out / "pareto.png").read_bytes().startswith(PNG)
