@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
+from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.search import Searcher
 from rich.console import Console
 
@@ -144,6 +145,13 @@ class StudySearcher(Searcher):  # type: ignore[misc]
         skip = ("study", "driver", "progress", "live")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
+    def save(self, checkpoint_path: str) -> None:
+        # Tune snapshots its searcher; this one's state is the study itself.
+        Path(checkpoint_path).write_text(json.dumps({"study": self.study.study_name}))
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass  # a rerun reads the study (see study.reclaim), not Tune's snapshot
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         import optuna
 
@@ -200,6 +208,8 @@ class StudySearcher(Searcher):  # type: ignore[misc]
         if trial is None:
             return
         self.driver.untrack(trial._trial_id)
+        if error or not (result or {}).get("final"):  # stopped from outside: free its gang
+            free_gang(Path(trial.user_attrs["run_dir"]))
         objectives = self.sweep.objectives
         if error or not result:
             self.study.tell(trial, state=TrialState.FAIL)
@@ -261,6 +271,40 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- trial
+GANG_FILE = "gang.pg"
+
+
+class RecordGang(WorkerGroupCallback):  # type: ignore[misc]
+    """Writes the id of the trial gang's placement group into its run directory. When
+    the scheduler stops a trial, Tune kills the trial's actor and with it the Train
+    controller, but the gang's placement group belongs to the job and would hold its
+    CPUs/GPUs until Ray's state-API-based cleaner notices (never, without a dashboard):
+    the driver frees it from this file."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = Path(run_dir) / GANG_FILE
+
+    def after_worker_group_start(self, worker_group: Any) -> None:
+        handle = worker_group.get_worker_group_state().placement_group_handle
+        self.path.write_text(handle.placement_group.id.hex())
+
+
+def free_gang(run_dir: Path) -> bool:
+    """Remove a stopped trial's placement group if it is still there; True if removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table
+
+    path = run_dir / GANG_FILE
+    if not path.is_file():
+        return False
+    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text().strip())))
+    path.unlink(missing_ok=True)
+    if placement_group_table(pg).get("state") in (None, "REMOVED"):
+        return False
+    ray.util.remove_placement_group(pg)
+    return True
+
+
 def _trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, ParamSpec]) -> None:
     """One Tune trial: build the trial's config from its params and run its Train gang.
     The plain config crosses to every rank in train_loop_config, so all ranks agree."""
@@ -274,7 +318,8 @@ def _trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, Par
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
     (run_dir / "params.json").write_text(json.dumps(config["params"], indent=2))
-    make_trainer(cfg, run_dir, started=time.time(), callbacks=[TuneReportCallback()]).fit()
+    callbacks = [TuneReportCallback(), RecordGang(str(run_dir))]
+    make_trainer(cfg, run_dir, started=time.time(), callbacks=callbacks).fit()
 
 
 def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
