@@ -137,9 +137,7 @@ def plot_curves(rows: list[TrialRow], metric: str, eval_every: int, path: Path) 
     plt.close(fig)
 
 
-def plot_slices(
-    rows: list[TrialRow], space: dict[str, ParamSpec], metric: str, path: Path
-) -> None:
+def plot_slices(rows: list[TrialRow], space: dict[str, ParamSpec], metric: str, path: Path) -> None:
     plt = _plt()
     done = [r for r in rows if r.state == "COMPLETE" and r.values]
     names = list(space)
@@ -162,7 +160,14 @@ def plot_slices(
         ax.scatter(xs, [r.values[0] for r in have], c=colors)  # type: ignore[index]
         ax.set(title=name, ylabel=metric)
         if not have:
-            ax.text(0.5, 0.5, "no complete trial\nsampled it", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no complete trial\nsampled it",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle("Slices: each parameter against the objective (complete trials)")
@@ -203,7 +208,9 @@ def plot_pareto(rows: list[TrialRow], front: set[int], names: list[str], path: P
     plt.close(fig)
 
 
-def plot_baselines(best: float, baselines: dict[str, float], metric: str, title: str, path: Path) -> None:
+def plot_baselines(
+    best: float, baselines: dict[str, float], metric: str, title: str, path: Path
+) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     labels = ["best pretrained", *baselines]
@@ -294,7 +301,14 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
     front: set[int] = set()
     if len(objectives) > 1 and complete:
         front = {t.number for t in study.best_trials}
-        plot("pareto.png", "Pareto front", plot_pareto, rows, front, [o["metric"] for o in objectives])
+        plot(
+            "pareto.png",
+            "Pareto front",
+            plot_pareto,
+            rows,
+            front,
+            [o["metric"] for o in objectives],
+        )
 
     best = summary.get("best")
     verdict = ""
@@ -331,7 +345,9 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
         best_yaml = out / "best.yaml"
         best_yaml.write_text(experiment_yaml(trial_cfg, header))
 
-    md = _markdown(meta, rows, counts, objectives, best, summary, verdict, plots, notes, front, best_yaml)
+    md = _markdown(
+        meta, rows, counts, objectives, best, summary, verdict, plots, notes, front, best_yaml
+    )
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(
         _html(meta, rows, counts, objectives, best, verdict, plots, notes, front, best_yaml)
@@ -343,12 +359,16 @@ def _table_header(objectives: list[dict[str, str]], params: list[str]) -> list[s
     return ["trial", "state", *[o["metric"] for o in objectives], *params, "stopped at eval"]
 
 
-def _table_rows(rows: list[TrialRow], objectives: list[dict[str, str]], params: list[str], front: set[int]) -> list[list[str]]:
+def _table_rows(
+    rows: list[TrialRow], objectives: list[dict[str, str]], params: list[str], front: set[int]
+) -> list[list[str]]:
     table = []
     for r in rows:
-        values = r.values or [None] * len(objectives)
-        number = f"{r.number}" + (" (Pareto)" if r.number in front else "") + (
-            f" (retry of {r.retry_of})" if r.retry_of is not None else ""
+        values: list[float | None] = [None] * len(objectives) if r.values is None else [*r.values]
+        number = (
+            f"{r.number}"
+            + (" (Pareto)" if r.number in front else "")
+            + (f" (retry of {r.retry_of})" if r.retry_of is not None else "")
         )
         table.append(
             [
@@ -441,11 +461,15 @@ def _html(
             + "</p>"
         )
         if best_yaml:
-            parts.append(f"<p>Rerun it: <code>graft finetune +experiment={e(str(best_yaml))}</code></p>")
+            parts.append(
+                f"<p>Rerun it: <code>graft finetune +experiment={e(str(best_yaml))}</code></p>"
+            )
     if verdict:
         parts.append(f"<p class='{'neg' if 'NEGATIVE' in verdict else ''}'>{e(verdict)}</p>")
     header = _table_header(objectives, params)
-    parts.append("<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
+    parts.append(
+        "<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+    )
     for row in _table_rows(rows, objectives, params, front):
         parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
     parts.append("</table><h2>Plots</h2>")

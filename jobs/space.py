@@ -37,7 +37,11 @@ def _check_key(key: str) -> None:
             known = ", ".join(sorted(hints)) or "nothing (it is a value)"
             raise ConfigError("key", f"{key!r} is not a config key: {where} has {known}")
         node = next(
-            (t for t in (hints[part], *typing.get_args(hints[part])) if dataclasses.is_dataclass(t)),
+            (
+                t
+                for t in (hints[part], *typing.get_args(hints[part]))
+                if dataclasses.is_dataclass(t)
+            ),
             None,
         )
     if node is not None:
@@ -61,7 +65,8 @@ def _check_param(name: str, spec: ParamSpec, num_blocks: int, seen: dict[str, Pa
         )
     if spec.type not in ("int", "float", "log_float", "categorical"):
         raise ConfigError(
-            f"{where}.type", f"{spec.type!r} is not one of 'int', 'float', 'log_float', 'categorical'"
+            f"{where}.type",
+            f"{spec.type!r} is not one of 'int', 'float', 'log_float', 'categorical'",
         )
     if spec.type == "categorical":
         if spec.low is not None or spec.high is not None:
@@ -197,7 +202,9 @@ def sample(trial: Any, space: dict[str, ParamSpec]) -> dict[str, Any]:
     return params
 
 
-def apply(base: FinetuneConfig, space: dict[str, ParamSpec], params: dict[str, Any]) -> FinetuneConfig:
+def apply(
+    base: FinetuneConfig, space: dict[str, ParamSpec], params: dict[str, Any]
+) -> FinetuneConfig:
     """The trial's config: ``base`` with each parameter's value at its key, checked."""
     node = OmegaConf.structured(dataclasses.replace(base, sweep=None))
     for name, value in params.items():

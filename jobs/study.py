@@ -16,6 +16,7 @@ crash, a second machine on the same PostgreSQL study) see the same trials:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -50,6 +51,10 @@ def open_storage(url: str) -> Any:
             "sweep.storage",
             f"{url!r} is not a database URL; e.g. sqlite:///path/study.db or postgresql://user@host/db",
         ) from None
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
+        # SQLAlchemy 2.1 picks psycopg (3) for postgresql://; graft ships psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+        url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         parent = Path(parsed.database).expanduser().parent
         if not parent.is_dir():
@@ -99,7 +104,9 @@ def make_sampler(sweep: SweepConfig, *, offset: int) -> Any:
 def open_study(sweep: SweepConfig, storage: Any, name: str) -> Any:
     import optuna
 
-    directions = ["maximize" if o.mode == "max" else "minimize" for o in sweep.objectives]
+    directions: list[Any] = [
+        "maximize" if o.mode == "max" else "minimize" for o in sweep.objectives
+    ]
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if name in existing:
         found = [d.name.lower() for d in existing[name].directions]
@@ -134,7 +141,9 @@ def budget_used(study: Any, *, before: int | None = None) -> int:
         for t in trials
         if (before is None or t.number < before)
         and t.state != TrialState.WAITING
-        and not (t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get("over_budget")))
+        and not (
+            t.state == TrialState.FAIL and (t.number in retried or t.user_attrs.get("over_budget"))
+        )
     )
 
 

@@ -46,7 +46,7 @@ from jobs.preflight import preflight
 
 console = Console(highlight=False, soft_wrap=True)
 # What a trial's driver function holds: no CPU (it only waits on its gang), some memory.
-TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 256 * 1024**2}
 # Sweep settings that do not change what is searched: they stay out of the sweep's name.
 _NOT_IN_NAME = ("num_trials", "max_concurrent", "storage", "study", "baseline")
 
@@ -152,7 +152,7 @@ class StudySearcher(Searcher):  # type: ignore[misc]
     def restore(self, checkpoint_path: str) -> None:
         pass  # a rerun reads the study (see study.reclaim), not Tune's snapshot
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    def suggest(self, trial_id: str) -> Any:  # a config dict, or Searcher.FINISHED
         import optuna
 
         study, sweep = self.study, self.sweep
@@ -357,9 +357,11 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True, report: bool = True)
     assert sweep is not None
     name = sweep_name(cfg)
     sweep_dir = (Path(cfg.run.output_dir) / name).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     url = study_lib.storage_url(sweep, sweep_dir)
-    storage = study_lib.open_storage(url)
+    # A study database given by URL must answer before anything is written.
+    storage = study_lib.open_storage(url) if sweep.storage else None
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or study_lib.open_storage(url)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_name = sweep.study or name
     study = study_lib.open_study(sweep, storage, study_name)
@@ -493,7 +495,9 @@ def run_baselines(
             bcfg = dataclasses.replace(bcfg, run=dataclasses.replace(bcfg.run, name=kind))
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_lib.to_yaml(bcfg))
-            console.print(f"graft: baseline {kind} with trial {best.number}'s settings -> {run_dir}")
+            console.print(
+                f"graft: baseline {kind} with trial {best.number}'s settings -> {run_dir}"
+            )
             make_trainer(bcfg, run_dir, started=time.time()).fit()
             end = _end_record(run_dir)
         if end is not None:
@@ -539,7 +543,9 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
         if value is not None:
             console.print(f"graft: baseline {kind}: {metric} {value:.4g}")
     if "transfer_gain" in summary:
-        console.print(f"graft: transfer gain (best pretrained - scratch): {summary['transfer_gain']:+.4g}")
+        console.print(
+            f"graft: transfer gain (best pretrained - scratch): {summary['transfer_gain']:+.4g}"
+        )
         if summary["negative_transfer"]:
             console.print(
                 f"[bold red]graft: NEGATIVE TRANSFER[/bold red]: the pretrained model does not beat "

@@ -47,12 +47,20 @@ def _hydra_list(points: list[dict[str, object]]) -> str:
     def value(v: object) -> str:
         return f"{v!r}" if isinstance(v, float) else str(v)
 
-    return "[" + ",".join("{" + ",".join(f"{k}:{value(v)}" for k, v in p.items()) + "}" for p in points) + "]"
+    return (
+        "["
+        + ",".join("{" + ",".join(f"{k}:{value(v)}" for k, v in p.items()) + "}" for p in points)
+        + "]"
+    )
 
 
 def _measure(overrides: list[str], name: str) -> dict[str, object]:
     started = time.time()
-    result = sweep(compose(overrides + [f"run.name={name}"], config_name="sweep"), show_progress=True, report=False)
+    result = sweep(
+        compose(overrides + [f"run.name={name}"], config_name="sweep"),
+        show_progress=True,
+        report=False,
+    )
     elapsed = time.time() - started
     meta = json.loads((result.sweep_dir / "sweep.json").read_text())
     study = optuna.load_study(study_name=meta["study"], storage=meta["storage"])

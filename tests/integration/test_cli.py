@@ -121,3 +121,43 @@ def test_too_many_workers_fail_before_the_embedded_ray_starts(
     assert result.returncode == 2
     assert "scaling.num_workers" in result.stderr and "3 workers" in result.stderr
     assert "Ray at" not in result.stdout  # no cluster was started
+
+
+def test_a_bad_search_space_fails_before_anything_is_written(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    result = _graft(
+        "sweep",
+        *tiny_overrides(data_dir),
+        "sweep.space.lr.low=0.1",
+        "sweep.space.lr.high=0.001",
+        f"run.output_dir={tmp_path}",
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert (
+        "sweep.space.lr.low" in result.stderr and "low 0.1 is more than high 0.001" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and "Ray at" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_study_database_fails_before_anything_is_written(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    result = _graft(
+        "sweep",
+        *tiny_overrides(data_dir),
+        "sweep.storage=postgresql://nobody@127.0.0.1:1/nothing",
+        f"run.output_dir={tmp_path}",
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "sweep.storage: cannot open postgresql" in result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_sweep_cfg_prints_the_space() -> None:
+    result = _graft("sweep", "--cfg", "sweep.num_trials=40")
+    assert result.returncode == 0, result.stderr
+    assert "num_trials: 40" in result.stdout and "lora_rank:" in result.stdout

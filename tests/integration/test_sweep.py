@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from jobs import runlog
 from jobs import space as space_lib
+from jobs import study as study_lib
 from jobs.config import compose
 from jobs.finetune import config_digest
 from jobs.finetune import run as finetune
@@ -90,7 +91,10 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
     trials = study.get_trials()
 
     # Every trial is in the study file with its params and intermediate values.
-    assert len(trials) == 6 and {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert len(trials) == 6 and {t.state for t in trials} <= {
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+    }
     assert all(t.params and t.intermediate_values for t in trials)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "ASHA pruned nothing"
@@ -99,9 +103,19 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
         assert max(t.intermediate_values) < 3 and t.user_attrs["stopped_at_eval"] < 3
     # Optuna's own CLI reads the study.
     listed = subprocess.run(
-        [str(Path(sys.executable).parent / "optuna"), "trials", "--study-name", study.study_name,
-         "--storage", result.storage, "-f", "json"],
-        capture_output=True, text=True, check=True,
+        [
+            str(Path(sys.executable).parent / "optuna"),
+            "trials",
+            "--study-name",
+            study.study_name,
+            "--storage",
+            result.storage,
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     rows = json.loads(listed.stdout)
     assert len(rows) == 6 and all("lr" in r["params"] for r in rows)
@@ -136,7 +150,11 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
 
     # The best config, as a Hydra experiment file, reruns to the same metric.
     rerun_cfg = compose(
-        [f"+experiment={report / 'best.yaml'}", "cluster.num_cpus=2", f"run.output_dir={tmp_path / 'rerun'}"]
+        [
+            f"+experiment={report / 'best.yaml'}",
+            "cluster.num_cpus=2",
+            f"run.output_dir={tmp_path / 'rerun'}",
+        ]
     )
     rerun = finetune(rerun_cfg, show_progress=False)
     assert rerun.metrics["eval_loss"] == pytest.approx(best.value, rel=1e-3)
@@ -161,7 +179,9 @@ def test_two_worker_trials_multi_objective(data_dir: Path, tmp_path: Path) -> No
     space, _ = check(cfg)
     for t in study.get_trials():
         assert t.state == TrialState.COMPLETE and len(t.values) == 2
-        start = next(r for r in runlog.read(Path(t.user_attrs["run_dir"])) if r.get("event") == "start")
+        start = next(
+            r for r in runlog.read(Path(t.user_attrs["run_dir"])) if r.get("event") == "start"
+        )
         assert start["world_size"] == 2
         assert t.values[1] == start["trainable_params"]
         # Both ranks trained the config the trial's params describe (checked across ranks).
@@ -206,16 +226,24 @@ def test_resume_after_the_driver_is_killed(data_dir: Path, tmp_path: Path) -> No
         finished = [n for n, s in states if s in ("COMPLETE", "PRUNED")]
         running = [n for n, s in states if s == "RUNNING"]
         checkpointed = [
-            n for n in running if glob.glob(str(sweep_dir / "trials" / str(n) / "checkpoints" / "step_*" / "COMMITTED.*"))
+            n
+            for n in running
+            if glob.glob(
+                str(sweep_dir / "trials" / str(n) / "checkpoints" / "step_*" / "COMMITTED.*")
+            )
         ]
         if finished and checkpointed:
             killed_running = running
             break
         time.sleep(0.5)
-    assert killed_running, f"the driver never had a finished and a checkpointed trial: {_states(sweep_dir / 'study.db')}"
+    assert killed_running, (
+        f"the driver never had a finished and a checkpointed trial: {_states(sweep_dir / 'study.db')}"
+    )
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    before = {t.number: t for t in _trials(sweep_dir).get_trials() if t.state == TrialState.COMPLETE}
+    before = {
+        t.number: t for t in _trials(sweep_dir).get_trials() if t.state == TrialState.COMPLETE
+    }
 
     result = sweep(compose(overrides, config_name="sweep"), show_progress=False)  # the same command
     trials = _trials(result.sweep_dir).get_trials()
@@ -226,7 +254,9 @@ def test_resume_after_the_driver_is_killed(data_dir: Path, tmp_path: Path) -> No
     for number, t in before.items():  # finished trials were kept and not run again
         assert trials[number].state == TrialState.COMPLETE
         assert trials[number].datetime_complete == t.datetime_complete
-        starts = [r for r in runlog.read(Path(t.user_attrs["run_dir"])) if r.get("event") == "start"]
+        starts = [
+            r for r in runlog.read(Path(t.user_attrs["run_dir"])) if r.get("event") == "start"
+        ]
         assert len(starts) == 1
     retries = [t for t in trials if t.system_attrs.get("retry_history")]
     assert {t.system_attrs["retry_history"][0] for t in retries} == set(killed_running)
@@ -235,7 +265,9 @@ def test_resume_after_the_driver_is_killed(data_dir: Path, tmp_path: Path) -> No
         assert t.user_attrs["run_dir"] == str(sweep_dir / "trials" / str(original))
         assert trials[original].state == TrialState.FAIL
     resumed = [
-        t for t in retries if "resume" in {r.get("event") for r in runlog.read(Path(t.user_attrs["run_dir"]))}
+        t
+        for t in retries
+        if "resume" in {r.get("event") for r in runlog.read(Path(t.user_attrs["run_dir"]))}
     ]
     assert resumed, "no re-queued trial resumed from its checkpoint"
 
@@ -244,7 +276,9 @@ def _postgres_or_skip() -> None:
     try:
         import psycopg2
 
-        psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user="postgres", connect_timeout=3).close()
+        psycopg2.connect(
+            host="127.0.0.1", port=5432, dbname="test", user="postgres", connect_timeout=3
+        ).close()
     except Exception as e:
         pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 (database test): {e}")
 
@@ -279,7 +313,7 @@ def test_two_drivers_share_a_postgresql_study(data_dir: Path, tmp_path: Path) ->
     try:
         outputs = [d.communicate(timeout=420)[0] for d in drivers]
         assert [d.returncode for d in drivers] == [0, 0], outputs
-        study = optuna.load_study(study_name=name, storage=POSTGRES)
+        study = optuna.load_study(study_name=name, storage=study_lib.open_storage(POSTGRES))
         trials = study.get_trials()
         numbers = [t.number for t in trials]
         assert numbers == list(range(len(trials))) and len(set(numbers)) == len(numbers)
@@ -291,12 +325,15 @@ def test_two_drivers_share_a_postgresql_study(data_dir: Path, tmp_path: Path) ->
         sweep_dir = next(tmp_path.glob("sweep-*"))
         md = CliRunner().invoke(app, ["report", str(sweep_dir)])
         assert md.exit_code == 0, md.output
-        assert f"Best trial: {study.best_trial.number}" in (sweep_dir / "report" / "report.md").read_text()
+        assert (
+            f"Best trial: {study.best_trial.number}"
+            in (sweep_dir / "report" / "report.md").read_text()
+        )
     finally:
         for d in drivers:
             if d.poll() is None:
                 d.kill()
         try:
-            optuna.delete_study(study_name=name, storage=POSTGRES)
+            optuna.delete_study(study_name=name, storage=study_lib.open_storage(POSTGRES))
         except KeyError:
             pass

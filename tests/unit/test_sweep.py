@@ -161,7 +161,12 @@ def test_names_are_deterministic_and_ignore_how_many_and_where(data_dir: Path) -
     a = _cfg(data_dir)
     assert sweep_name(a) == sweep_name(_cfg(data_dir))
     assert sweep_name(a) == sweep_name(
-        _cfg(data_dir, "sweep.num_trials=40", "sweep.max_concurrent=4", "sweep.storage=sqlite:///x.db")
+        _cfg(
+            data_dir,
+            "sweep.num_trials=40",
+            "sweep.max_concurrent=4",
+            "sweep.storage=sqlite:///x.db",
+        )
     )
     assert sweep_name(a) != sweep_name(_cfg(data_dir, "sweep.space.lr.high=1e-2"))
     # A trial's run name (and so its checkpoints) does not depend on the sweep settings.
@@ -180,7 +185,9 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_reclaim_requeues_only_a_dead_drivers_running_trials(data_dir: Path, tmp_path: Path) -> None:
+def test_reclaim_requeues_only_a_dead_drivers_running_trials(
+    data_dir: Path, tmp_path: Path
+) -> None:
     cfg = _cfg(data_dir, "sweep.num_trials=4")
     assert cfg.sweep is not None
     storage = _storage(tmp_path)
@@ -202,7 +209,11 @@ def test_reclaim_requeues_only_a_dead_drivers_running_trials(data_dir: Path, tmp
     assert study_lib.budget_used(study) == 3
     assert study_lib.reclaim(study, tmp_path) == [orphan.number]
     trials = study.get_trials()
-    assert [t.state for t in trials[:3]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING]
+    assert [t.state for t in trials[:3]] == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.RUNNING,
+    ]
     retry = trials[3]
     assert retry.state == TrialState.WAITING and retry.params == orphan.params
     assert retry.intermediate_values == {1: 2.0}  # the learning curve so far is kept
@@ -250,7 +261,9 @@ def test_an_existing_study_with_other_directions_is_refused(data_dir: Path, tmp_
 def test_experiment_accepts_plus_and_a_file_path(tmp_path: Path) -> None:
     assert compose(["+experiment=smollm2_lora"]).model.name == "smollm2_135m"
     path = tmp_path / "best.yaml"
-    path.write_text("# @package _global_\nstrategy:\n  name: lora\n  lora:\n    r: 4\ntrain:\n  lr: 0.00123\n")
+    path.write_text(
+        "# @package _global_\nstrategy:\n  name: lora\n  lora:\n    r: 4\ntrain:\n  lr: 0.00123\n"
+    )
     cfg = compose([f"+experiment={path}", "train.max_steps=7"])
     assert (cfg.strategy.name, cfg.strategy.lora.r, cfg.train.lr) == ("lora", 4, 0.00123)
     assert cfg.train.max_steps == 7
@@ -304,7 +317,9 @@ def _fake_sweep(data_dir: Path, tmp_path: Path, objectives: str) -> Path:
     from jobs.sweep import best_trial
 
     best = best_trial(study)
-    summary = summarize(cfg, best, {"scratch": {cfg.sweep.objectives[0].metric: best.values[0] + 0.5}})
+    summary = summarize(
+        cfg, best, {"scratch": {cfg.sweep.objectives[0].metric: best.values[0] + 0.5}}
+    )
     (sweep_dir / "summary.json").write_text(json.dumps(summary))
     return sweep_dir
 
