@@ -45,6 +45,7 @@ lint: install
 
 bench: install-models
 	$(PY) tests/benchmarks/bench_overhead.py
+	$(PY) tests/benchmarks/bench_sweep_pruning.py
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^graft' | sed 's/+cpu$$//' > constraints.txt
