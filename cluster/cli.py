@@ -4,12 +4,16 @@ graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspee
 graft finetune --cfg                  print the composed config and exit
 graft sweep [hydra overrides]         e.g. graft sweep sweep.num_trials=40 sweep.max_concurrent=4
 graft report runs/<sweep-name>        report.md/html, plots and best.yaml of a sweep
+graft cluster up|down|status          a local multi-process Ray cluster
+graft submit finetune|sweep [overrides] --address http://HEAD:8265
+graft status [JOB] | logs JOB [--follow] | stop JOB | list     jobs on a cluster
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -117,6 +121,248 @@ def report(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     typer.echo(f"{out / 'report.md'}\n{out / 'report.html'}\n{out / 'best.yaml'}")
+
+
+# --------------------------------------------------------------------------- clusters and jobs
+cluster_app = typer.Typer(help="A local multi-process Ray cluster (head + worker nodes).")
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    num_cpus: Annotated[int, typer.Option(help="CPUs per node.")] = 2,
+    workers: Annotated[int, typer.Option(help="Worker nodes besides the head.")] = 1,
+) -> None:
+    """Start a head and worker nodes with `ray start` on free loopback ports."""
+    from cluster import local
+
+    if num_cpus < 1 or workers < 0:
+        err.print("[red]error:[/red] --num-cpus must be >= 1 and --workers >= 0")
+        raise typer.Exit(2)
+    try:
+        state = local.up(num_cpus, workers)
+    except RuntimeError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    typer.echo(f"graft: Ray cluster up: {workers + 1} nodes x {num_cpus} CPUs")
+    typer.echo(f"graft: GCS {state['address']} (cluster.address={state['address']})")
+    typer.echo(
+        f"graft: dashboard / Jobs API {state['dashboard']} (graft submit ... --address {state['dashboard']})"
+    )
+    typer.echo(f"graft: {local.token_help()}")
+
+
+@cluster_app.command("down")
+def cluster_down() -> None:
+    """Stop the nodes `graft cluster up` started (and nothing else)."""
+    from cluster import local
+
+    pids = local.down()
+    typer.echo(f"graft: stopped {len(pids)} node(s)" if pids else "graft: no graft cluster is up")
+
+
+@cluster_app.command("status")
+def cluster_status() -> None:
+    """Show the local cluster `graft cluster up` started."""
+    from cluster import local
+
+    state = local.status()
+    if state is None:
+        typer.echo("graft: no graft cluster is up")
+        raise typer.Exit(1)
+    typer.echo(f"GCS        {state['address']}")
+    typer.echo(f"dashboard  {state['dashboard']}")
+    typer.echo(f"processes  {len(state['alive'])}/{len(state['pids'])} node processes alive")
+    typer.echo(
+        f"nodes      {state['nodes']} alive"
+        + (f" ({state['error']})" if state.get("error") else "")
+    )
+
+
+Address = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="The head's dashboard URL (Jobs API), e.g. http://HEAD:8265; default: "
+        "RAY_API_SERVER_ADDRESS, else the cluster from `graft cluster up`.",
+        show_default=False,
+    ),
+]
+TokenFile = Annotated[
+    str | None, typer.Option("--token-file", help="The cluster's auth token file.")
+]
+
+
+def _address(address: str | None) -> str:
+    from cluster import local
+
+    found = address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not found and (state := local.read_state()):
+        found = state["dashboard"]
+    if not found:
+        err.print(
+            "[red]error:[/red] --address: give the Ray dashboard URL, e.g. --address http://HEAD:8265"
+        )
+        raise typer.Exit(2)
+    return found
+
+
+def _client(address: str | None, token_file: str | None):  # type: ignore[no-untyped-def]
+    from cluster.jobs import SubmitError, client
+
+    try:
+        return client(_address(address), token_file)
+    except SubmitError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def submit(
+    kind: Annotated[str, typer.Argument(help="finetune or sweep.")],
+    overrides: Overrides = None,
+    address: Address = None,
+    token_file: TokenFile = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the logs until the job ends.")
+    ] = False,
+) -> None:
+    """Submit `graft finetune|sweep [overrides]` to a Ray cluster (the config is checked here first)."""
+    from cluster import jobs
+    from jobs.config import run_name
+
+    if kind not in ("finetune", "sweep"):
+        err.print(f"[red]error:[/red] {kind!r}: submit takes finetune or sweep")
+        raise typer.Exit(2)
+    config = _compose(overrides, kind)
+    if kind == "sweep":
+        from jobs.sweep import sweep_name
+
+        name = sweep_name(config)
+    else:
+        name = run_name(config)
+    try:
+        done = jobs.submit(
+            kind, list(overrides or []), name, address=_address(address), token_file=token_file
+        )
+    except jobs.SubmitError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"graft: uploaded the project ({done.upload_bytes / 1024:.0f} KiB, {done.upload_files} files)"
+    )
+    typer.echo(f"graft: submitted {done.job_id}")
+    typer.echo(f"graft: entrypoint: {done.entrypoint}")
+    if wait:
+        client = _client(address, token_file)
+        for _ in jobs.follow_logs(client, done.job_id):
+            pass
+        status = jobs.wait(client, done.job_id, timeout_s=60)
+        typer.echo(f"graft: {done.job_id} {status}")
+        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
+    Console(soft_wrap=True).print(table)
+
+
+def _job_row(info: Any) -> list[str]:
+    import datetime
+
+    started = (
+        datetime.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        if info.start_time
+        else ""
+    )
+    took = (
+        f"{(info.end_time - info.start_time) / 1000:.0f}s"
+        if info.end_time and info.start_time
+        else ""
+    )
+    return [
+        info.submission_id or info.job_id or "",
+        str(info.status).split(".")[-1],
+        started,
+        took,
+        info.entrypoint[:80],
+    ]
+
+
+@app.command()
+def status(
+    job: Annotated[str | None, typer.Argument(help="A job id; all jobs when left out.")] = None,
+    address: Address = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Status of one job, or of all jobs."""
+    jobs = _client(address, token_file)
+    header = ["job", "status", "started", "took", "entrypoint"]
+    if job is None:
+        _table([_job_row(i) for i in jobs.list_jobs()], header)
+        return
+    try:
+        info = jobs.get_job_info(job)
+    except Exception as e:
+        err.print(f"[red]error:[/red] {job}: {str(e).splitlines()[0]}")
+        raise typer.Exit(2) from None
+    _table([_job_row(info)], header)
+    if info.message:
+        typer.echo(info.message)
+
+
+@app.command("list")
+def list_jobs(address: Address = None, token_file: TokenFile = None) -> None:
+    """All jobs on the cluster, newest first."""
+    jobs = _client(address, token_file)
+    infos = sorted(jobs.list_jobs(), key=lambda i: i.start_time or 0, reverse=True)
+    _table([_job_row(i) for i in infos], ["job", "status", "started", "took", "entrypoint"])
+
+
+@app.command()
+def logs(
+    job: Annotated[str, typer.Argument(help="A job id.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Stream until the job ends.")
+    ] = False,
+    address: Address = None,
+    token_file: TokenFile = None,
+) -> None:
+    """A job's driver log."""
+    from cluster.jobs import follow_logs
+
+    jobs = _client(address, token_file)
+    try:
+        if follow:
+            for _ in follow_logs(jobs, job):
+                pass
+        else:
+            typer.echo(jobs.get_job_logs(job), nl=False)
+    except Exception as e:
+        err.print(f"[red]error:[/red] {job}: {str(e).splitlines()[0]}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def stop(
+    job: Annotated[str, typer.Argument(help="A job id.")],
+    address: Address = None,
+    token_file: TokenFile = None,
+) -> None:
+    """Stop a running job."""
+    from cluster.jobs import wait
+
+    jobs = _client(address, token_file)
+    try:
+        jobs.stop_job(job)
+    except Exception as e:
+        err.print(f"[red]error:[/red] {job}: {str(e).splitlines()[0]}")
+        raise typer.Exit(2) from None
+    typer.echo(f"graft: {job} {wait(jobs, job, timeout_s=60)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ WORKER_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "PYTHONWARNINGS": "ignore",
 }
-_PASS_THROUGH = (
+PASS_THROUGH = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
@@ -87,7 +87,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
     (embedded: before starting Ray; remote: right after connecting)."""
     import ray
 
-    env = dict(WORKER_ENV, **{k: os.environ[k] for k in _PASS_THROUGH if k in os.environ})
+    env = dict(WORKER_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     if ray.is_initialized():  # a caller (a test, a notebook) already connected
         resources = ray.cluster_resources()
         check_capacity(

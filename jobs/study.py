@@ -90,14 +90,13 @@ def make_sampler(sweep: SweepConfig, *, offset: int) -> Any:
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sweep.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+        return optuna.samplers.QMCSampler(seed=seed)
     return optuna.samplers.TPESampler(
         seed=seed,
         n_startup_trials=sweep.n_startup_trials,
         multivariate=True,
         group=True,  # conditional space: model each strategy's parameters together
         constant_liar=True,  # concurrent trials: do not propose the same point twice
-        warn_independent_sampling=False,
     )
 
 

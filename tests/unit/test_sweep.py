@@ -358,3 +358,19 @@ def test_report_pareto_front_and_negative_transfer(data_dir: Path, tmp_path: Pat
     md = (out / "report.md").read_text()
     assert "NEGATIVE TRANSFER" in md and "(Pareto)" in md
     assert (out / "pareto.png").read_bytes().startswith(PNG)
+
+
+def test_baselines_reuse_the_best_settings(data_dir: Path) -> None:
+    from jobs.sweep import baseline_config
+
+    cfg = _cfg(data_dir)
+    space, _ = check(cfg)
+    best = {"strategy": "lora", "lr": 2e-3, "lr_ratio": 0.5, "lora_rank": 16, "lora_alpha": 32}
+    scratch = baseline_config(cfg, space, best, "scratch")
+    probe = baseline_config(cfg, space, best, "linear_probe")
+    for ref in (scratch, probe):  # same data, budget and lr as the best trial
+        assert ref.train.lr == 2e-3 and ref.train.max_steps == cfg.train.max_steps
+        assert ref.data == cfg.data and ref.sweep is None
+    # scratch: random init, every weight trains; linear probe: pretrained, head only.
+    assert scratch.model.pretrained is False and scratch.strategy.name == "full"
+    assert probe.model.pretrained is True and probe.strategy.name == "feature_extraction"

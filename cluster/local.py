@@ -1,0 +1,216 @@
+"""`graft cluster up|down|status`: a real multi-process Ray cluster on this machine.
+
+    graft cluster up --num-cpus 2 --workers 1     # head + 1 worker node, free loopback ports
+    graft cluster status
+    graft cluster down                            # stops only what `up` started
+
+Each node is a `ray start --block` process in its own session; its reaper takes the
+node's Ray processes down with it, so `down` stops exactly the nodes `up` started (never
+`ray stop`, which would kill every Ray on the machine). The state (addresses, PIDs)
+lives in $GRAFT_HOME/cluster.json (default ~/.graft).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from cluster.connect import free_port
+
+STATE_FILE = "cluster.json"
+
+
+def home() -> Path:
+    return Path(os.environ.get("GRAFT_HOME", Path.home() / ".graft"))
+
+
+def state_path() -> Path:
+    return home() / STATE_FILE
+
+
+def read_state() -> dict[str, Any] | None:
+    path = state_path()
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ray() -> str:
+    candidate = Path(sys.executable).parent / "ray"
+    return str(candidate) if candidate.is_file() else "ray"
+
+
+def _node_ports() -> list[str]:
+    """Ports a node would otherwise take from fixed defaults (two nodes on one host
+    must not collide); Redis's 6379 is never among them."""
+    low = free_port()
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--min-worker-port={min(low, 60000)}",
+        f"--max-worker-port={min(low, 60000) + 200}",
+    ]
+
+
+def _wait_http(url: str, timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status < 500:
+                    return True
+        except urllib.error.HTTPError as e:  # 401/403: up, and asking for the token
+            if e.code < 500:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _alive_nodes(dashboard: str) -> int:
+    from ray.util.state import list_nodes
+
+    return sum(
+        1
+        for n in list_nodes(address=dashboard, raise_on_missing_output=False)
+        if n.state == "ALIVE"
+    )
+
+
+def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]:
+    """Start a head (``num_cpus``) and ``workers`` worker nodes (``num_cpus`` each)."""
+    current = read_state()
+    if current and any(_alive(p) for p in current["pids"]):
+        raise RuntimeError(
+            f"a graft cluster is already up ({current['dashboard']}); `graft cluster down` first"
+        )
+    home().mkdir(parents=True, exist_ok=True)
+    logs = home() / "logs"
+    logs.mkdir(exist_ok=True)
+    gcs_port, dashboard_port = free_port(), free_port()
+    address = f"127.0.0.1:{gcs_port}"
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    common = [
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--disable-usage-stats",
+        "--block",
+    ]
+    commands = [
+        [
+            _ray(),
+            "start",
+            "--head",
+            f"--port={gcs_port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            *common,
+            *_node_ports(),
+        ]
+    ]
+    commands += [
+        [_ray(), "start", f"--address={address}", *common, *_node_ports()] for _ in range(workers)
+    ]
+    pids: list[int] = []
+    state = {
+        "address": address,
+        "dashboard": dashboard,
+        "pids": pids,
+        "num_cpus": num_cpus,
+        "workers": workers,
+    }
+    try:
+        for i, command in enumerate(commands):
+            log = (logs / f"node-{i}.log").open("w")
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+            pids.append(proc.pid)
+            state_path().write_text(json.dumps(state, indent=2))
+            if i == 0 and not _wait_http(f"{dashboard}/api/version", timeout_s):
+                raise RuntimeError(
+                    f"the Ray head did not come up in {timeout_s:.0f}s; see {logs / 'node-0.log'}"
+                )
+        deadline = time.time() + timeout_s
+        while _alive_nodes(dashboard) < workers + 1:
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"only {_alive_nodes(dashboard)} of {workers + 1} nodes came up; see {logs}"
+                )
+            time.sleep(1)
+    except BaseException:
+        down()
+        raise
+    state["started"] = time.time()
+    state_path().write_text(json.dumps(state, indent=2))
+    return state
+
+
+def down(timeout_s: float = 60) -> list[int]:
+    """Stop the nodes `up` started (worker nodes first); returns their PIDs."""
+    state = read_state()
+    if not state:
+        return []
+    pids = list(reversed(state["pids"]))
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the node's `ray start` and everything it started
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout_s
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.5)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    state_path().unlink(missing_ok=True)
+    return pids
+
+
+def status() -> dict[str, Any] | None:
+    state = read_state()
+    if not state:
+        return None
+    state = dict(state)
+    state["alive"] = [p for p in state["pids"] if _alive(p)]
+    try:
+        state["nodes"] = _alive_nodes(state["dashboard"])
+    except Exception as e:  # the dashboard is down or refuses us
+        state["nodes"] = None
+        state["error"] = str(e).splitlines()[0]
+    return state
+
+
+def token_help() -> str:
+    token = Path.home() / ".ray" / "auth_token"
+    return (
+        f"token auth: the cluster's token is in {token} (Ray 2.60 turns token auth on); "
+        f"clients on this machine use it as is, elsewhere set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+    )
