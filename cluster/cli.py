@@ -150,6 +150,7 @@ def cluster_up(
         f"graft: dashboard / Jobs API {state['dashboard']} (graft submit ... --address {state['dashboard']})"
     )
     typer.echo(f"graft: {local.token_help()}")
+    typer.echo("graft: for Ray's own `ray job ...` commands: export RAY_AUTH_MODE=token")
 
 
 @cluster_app.command("down")
@@ -268,7 +269,9 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
     table = Table(*header)
     for row in rows:
         table.add_row(*row)
-    Console(soft_wrap=True).print(table)
+    import shutil
+
+    Console(width=max(160, shutil.get_terminal_size().columns)).print(table)
 
 
 def _job_row(info: Any) -> list[str]:

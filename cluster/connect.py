@@ -34,6 +34,21 @@ PASS_THROUGH = (
 )
 
 
+def enable_token_auth() -> bool:
+    """Ray 2.60 clusters want a token; a client sends it only when RAY_AUTH_MODE=token.
+    Turn that on when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) and the user did not choose a mode. True if a token is set up."""
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_MODE"):
+        return os.environ["RAY_AUTH_MODE"] == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.connect import PASS_THROUGH, WORKER_ENV
+from cluster.connect import PASS_THROUGH, WORKER_ENV, enable_token_auth
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not uploaded with the job: environments, VCS, outputs, caches.
@@ -91,12 +91,13 @@ def entrypoint(kind: str, overrides: list[str]) -> str:
 
 def client(address: str, token_file: str | None = None) -> Any:
     """A JobSubmissionClient, or SubmitError saying what is wrong with the address or token."""
-    from ray.job_submission import JobSubmissionClient
-
     if token_file:
         if not Path(token_file).is_file():
             raise SubmitError(f"--token-file: no such file {token_file!r}")
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(token_file).resolve())
+    enable_token_auth()  # before Ray reads the auth mode
+    from ray.job_submission import JobSubmissionClient
+
     if not re.match(r"^https?://[^/]+", address):
         raise SubmitError(
             f"--address: {address!r} is not the dashboard's HTTP address, e.g. http://HEAD:8265"
@@ -168,6 +169,8 @@ def submit(
         )
     jobs = client(address, token_file)
     env = dict(WORKER_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
+    # The job's driver joins with ray.init(runtime_env=...) too: let Ray merge the two.
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     command = entrypoint(kind, overrides)
     submission_id = job_id(run_name, kind)
     try:

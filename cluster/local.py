@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cluster.connect import free_port
+from cluster.connect import enable_token_auth, free_port
 
 STATE_FILE = "cluster.json"
 
@@ -89,6 +89,7 @@ def _wait_http(url: str, timeout_s: float) -> bool:
 
 
 def _alive_nodes(dashboard: str) -> int:
+    enable_token_auth()  # before Ray reads the auth mode
     from ray.util.state import list_nodes
 
     return sum(
@@ -111,7 +112,12 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
     gcs_port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{gcs_port}"
     dashboard = f"http://127.0.0.1:{dashboard_port}"
+    # Token auth, as Ray 2.60's default: the head makes ~/.ray/auth_token if there is
+    # none; worker nodes (and clients) send it only with RAY_AUTH_MODE=token.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.setdefault("RAY_AUTH_MODE", "token")
+    # Jobs run `python -m cluster.cli ...` on the head: the same Python as this graft.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     common = [
         "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}",
