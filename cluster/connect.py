@@ -124,6 +124,9 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             where=f"the embedded cluster (cluster.num_cpus={num_cpus})",
         )
         ctx = ray.init(
+            # "local": always a new cluster for this process, even where `ray start`
+            # left a cluster (or its address file) on this machine.
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=cluster.dashboard,
             dashboard_host="127.0.0.1",
