@@ -368,5 +368,52 @@ def stop(
     typer.echo(f"graft: {job} {wait(jobs, job, timeout_s=60)}")
 
 
+# --------------------------------------------------------------------------- kubernetes
+k8s_app = typer.Typer(help="KubeRay manifests from Hydra configs.")
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    kind: Annotated[str, typer.Argument(help="finetune or sweep.")],
+    overrides: Overrides = None,
+    image: Annotated[
+        str, typer.Option(help="The training image (k8s/Dockerfile).")
+    ] = "ghcr.io/example/graft:0.1.0",
+    namespace: Annotated[str | None, typer.Option(help="metadata.namespace of the RayJob.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Print a RayJob (ray.io/v1) that runs `graft KIND OVERRIDES` on its own Ray cluster,
+    sized from the config's scaling; checked against the KubeRay CRDs when present."""
+    import yaml
+
+    from cluster import k8s
+    from jobs.config import run_name
+
+    if kind not in ("finetune", "sweep"):
+        err.print(f"[red]error:[/red] {kind!r}: render takes finetune or sweep")
+        raise typer.Exit(2)
+    config = _compose(overrides, kind)
+    if kind == "sweep":
+        from jobs.sweep import sweep_name
+
+        name = sweep_name(config)
+    else:
+        name = run_name(config)
+    job = k8s.render(kind, config, list(overrides or []), name, image=image, namespace=namespace)
+    problems = k8s.operator_errors(job) + (k8s.validate([job]) if k8s.crd_dir() else [])
+    if problems:
+        err.print("[red]error:[/red] the rendered RayJob is not valid:\n" + "\n".join(problems))
+        raise typer.Exit(2)
+    text = yaml.safe_dump(job, sort_keys=False)
+    if output:
+        output.write_text(text)
+        typer.echo(f"graft: wrote {output}")
+    else:
+        typer.echo(text, nl=False)
+
+
 if __name__ == "__main__":
     app()
