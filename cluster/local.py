@@ -42,13 +42,13 @@ def read_state() -> dict[str, Any] | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie left for an init that does not reap is not)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _ray() -> str:
@@ -176,21 +176,22 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
     return state
 
 
-def down(timeout_s: float = 60) -> list[int]:
+def down(grace_s: float = 5) -> list[int]:
     """Stop the nodes `up` started (worker nodes first); returns their PIDs."""
     state = read_state()
     if not state:
         return []
     pids = list(reversed(state["pids"]))
+    # Worker nodes first, each gone before the next: a worker drains through the head's
+    # GCS on the way out, and waits for it if the head is already down.
     for pid in pids:
         try:
             os.killpg(pid, signal.SIGTERM)  # the node's `ray start` and everything it started
         except ProcessLookupError:
-            pass
-    deadline = time.time() + timeout_s
-    while any(_alive(p) for p in pids) and time.time() < deadline:
-        time.sleep(0.5)
-    for pid in pids:
+            continue
+        deadline = time.time() + grace_s
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.2)
         if _alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)

@@ -5,6 +5,7 @@ check must catch (CRD schema, built-in schemas, the operator's own rules)."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import subprocess
@@ -35,11 +36,20 @@ def _render(kind: str, overrides: list[str]) -> dict[str, Any]:
     return k8s.render(kind, cfg, overrides, name, image="registry.example/graft:1", namespace="ml")
 
 
-@needs_crds
 @needs_kustomize
 @pytest.mark.parametrize("overlay", ["cpu-dev", "gpu"])
+def test_the_python_kustomize_matches_kubectl(overlay: str) -> None:
+    def key(d: dict[str, Any]) -> tuple[str, str]:
+        return d["kind"], d["metadata"]["name"]
+
+    directory = ROOT / "k8s" / "overlays" / overlay
+    assert sorted(k8s.build(directory), key=key) == sorted(k8s.kustomize(directory), key=key)
+
+
+@needs_crds
+@pytest.mark.parametrize("overlay", ["cpu-dev", "gpu"])
 def test_every_overlay_renders_and_validates(overlay: str) -> None:
-    docs = k8s.kustomize(ROOT / "k8s" / "overlays" / overlay)
+    docs = k8s.kustomize(ROOT / "k8s" / "overlays" / overlay)  # kubectl, else the Python build
     kinds = {d["kind"] for d in docs}
     assert {
         "RayCluster",
@@ -99,8 +109,13 @@ def _cluster_doc() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "k8s" / "base" / "raycluster.yaml").read_text())
 
 
+@functools.cache
+def _default_job() -> str:
+    return yaml.safe_dump(_render("finetune", []))
+
+
 def _job_doc() -> dict[str, Any]:
-    return _render("finetune", [])
+    return yaml.safe_load(_default_job())
 
 
 def _break(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
@@ -234,3 +249,15 @@ def test_server_side_dry_run(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(_job_doc()))
     subprocess.run(["kubectl", "apply", "--dry-run=server", "-f", str(path)], check=True)
+
+
+@needs_crds
+@pytest.mark.parametrize("kind", ["finetune", "sweep"])
+def test_checked_in_rayjob_examples_are_current_and_valid(kind: str) -> None:
+    path = ROOT / "k8s" / "jobs" / f"{kind}.yaml"
+    shipped = yaml.safe_load(path.read_text())
+    cfg = compose([], config_name=kind)
+    name = sweep_name(cfg) if kind == "sweep" else run_name(cfg)
+    fresh = k8s.render(kind, cfg, [], name, image="ghcr.io/example/graft:0.1.0", namespace="graft")
+    assert shipped == fresh, f"{path} is stale: regenerate it with the command in its first line"
+    assert k8s.validate([shipped]) == []
