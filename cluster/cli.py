@@ -63,19 +63,7 @@ def finetune(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress bar.")] = False,
 ) -> None:
     """Fine-tune a model: an embedded local Ray by default, or cluster.address=... ."""
-    from conf.schema import ConfigError
-    from jobs import finetune as job
-    from jobs.config import to_yaml
-
-    config = _compose(overrides, "finetune")
-    if cfg:
-        typer.echo(to_yaml(config))
-        return
-    try:
-        job.run(config, show_progress=not quiet)
-    except (ConfigError, ConnectionError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    _run("finetune", overrides, show_config=cfg, quiet=quiet)
 
 
 @app.command()
@@ -88,19 +76,38 @@ def sweep(
 ) -> None:
     """Sweep the transfer space with Optuna on Ray Tune (conf/sweep.yaml, conf/sweep/).
     Rerunning the same command resumes the sweep."""
+    _run("sweep", overrides, show_config=cfg, quiet=quiet)
+
+
+def _run(kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bool) -> None:
+    """`graft finetune|sweep`: compose, print (--cfg) or run here; errors exit 2."""
     from conf.schema import ConfigError
-    from jobs import sweep as job
     from jobs.config import to_yaml
 
-    config = _compose(overrides, "sweep")
-    if cfg:
+    config = _compose(overrides, kind)
+    if show_config:
         typer.echo(to_yaml(config))
         return
+    if kind == "sweep":
+        from jobs import sweep as job
+    else:
+        from jobs import finetune as job  # type: ignore[no-redef]
     try:
         job.run(config, show_progress=not quiet)
     except (ConfigError, ConnectionError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+
+
+def _name(config: Any, kind: str) -> str:
+    """The run's deterministic name (a sweep's: its sweep name)."""
+    if kind == "sweep":
+        from jobs.sweep import sweep_name
+
+        return sweep_name(config)
+    from jobs.config import run_name
+
+    return str(run_name(config))
 
 
 @app.command()
@@ -230,18 +237,12 @@ def submit(
 ) -> None:
     """Submit `graft finetune|sweep [overrides]` to a Ray cluster (the config is checked here first)."""
     from cluster import jobs
-    from jobs.config import run_name
 
     if kind not in ("finetune", "sweep"):
         err.print(f"[red]error:[/red] {kind!r}: submit takes finetune or sweep")
         raise typer.Exit(2)
     config = _compose(overrides, kind)
-    if kind == "sweep":
-        from jobs.sweep import sweep_name
-
-        name = sweep_name(config)
-    else:
-        name = run_name(config)
+    name = _name(config, kind)
     try:
         done = jobs.submit(
             kind, list(overrides or []), name, address=_address(address), token_file=token_file
@@ -390,18 +391,12 @@ def k8s_render(
     import yaml
 
     from cluster import k8s
-    from jobs.config import run_name
 
     if kind not in ("finetune", "sweep"):
         err.print(f"[red]error:[/red] {kind!r}: render takes finetune or sweep")
         raise typer.Exit(2)
     config = _compose(overrides, kind)
-    if kind == "sweep":
-        from jobs.sweep import sweep_name
-
-        name = sweep_name(config)
-    else:
-        name = run_name(config)
+    name = _name(config, kind)
     job = k8s.render(kind, config, list(overrides or []), name, image=image, namespace=namespace)
     problems = k8s.operator_errors(job) + (k8s.validate([job]) if k8s.crd_dir() else [])
     if problems:

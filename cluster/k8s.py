@@ -37,10 +37,15 @@ RAY_KINDS = {
 
 
 # --------------------------------------------------------------------------- render
-def _k8s_name(name: str) -> str:
+def _k8s_name(name: str, limit: int = MAX_NAME["RayJob"]) -> str:
+    """A DNS-1035 name of at most ``limit`` characters; a long name loses its middle,
+    never its tail (the config hash that keeps run names apart)."""
     cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    cleaned = re.sub(r"^[^a-z]+", "", cleaned)
-    return cleaned[: MAX_NAME["RayJob"]].rstrip("-") or "graft-job"
+    cleaned = re.sub(r"^[^a-z]+", "", cleaned) or "graft-job"
+    if len(cleaned) > limit:
+        tail = cleaned[-9:]  # "-" + 8-hex-digit hash
+        cleaned = cleaned[: limit - len(tail)].rstrip("-") + tail
+    return cleaned
 
 
 def _sized_worker_group(
@@ -104,7 +109,8 @@ def render(
         filter(None, ["python -m cluster.cli", kind, "-q", args, *extra])
     )
     job["spec"]["rayClusterSpec"] = cluster
-    job["metadata"]["name"] = _k8s_name(f"graft-{kind}-{run_name}")
+    short = run_name.removeprefix("sweep-")
+    job["metadata"]["name"] = _k8s_name(f"graft-{kind}-{short}")
     job["metadata"].setdefault("labels", {})["graft.dev/run"] = _k8s_name(run_name)[:63]
     if namespace:
         job["metadata"]["namespace"] = namespace
