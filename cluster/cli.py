@@ -257,8 +257,7 @@ def submit(
     typer.echo(f"graft: entrypoint: {done.entrypoint}")
     if wait:
         client = _client(address, token_file)
-        for _ in jobs.follow_logs(client, done.job_id):
-            pass
+        jobs.follow_logs(client, done.job_id)
         status = jobs.wait(client, done.job_id, timeout_s=60)
         typer.echo(f"graft: {done.job_id} {status}")
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
@@ -342,8 +341,7 @@ def logs(
     jobs = _client(address, token_file)
     try:
         if follow:
-            for _ in follow_logs(jobs, job):
-                pass
+            follow_logs(jobs, job)
         else:
             typer.echo(jobs.get_job_logs(job), nl=False)
     except Exception as e:

@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,18 +184,15 @@ def submit(
     return Submitted(submission_id, command, size, files)
 
 
-def follow_logs(jobs: Any, job: str) -> Iterator[str]:
-    """Stream a job's log lines until it ends."""
+def follow_logs(jobs: Any, job: str) -> None:
+    """Print a job's log lines as they come, until it ends."""
     import asyncio
 
-    async def tail() -> list[str]:
-        lines = []
+    async def tail() -> None:
         async for chunk in jobs.tail_job_logs(job):
-            lines.append(chunk)
             print(chunk, end="", flush=True)
-        return lines
 
-    yield from asyncio.run(tail())
+    asyncio.run(tail())
 
 
 def wait(jobs: Any, job: str, timeout_s: float, interval_s: float = 1.0) -> str:

@@ -228,10 +228,6 @@ def _schema_errors(doc: dict[str, Any]) -> list[str]:
     return []
 
 
-def _quantity(value: Any) -> str:
-    return str(value)
-
-
 def _pod_specs(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(where, pod spec) of every Ray pod template in a RayCluster/RayJob."""
     spec = doc.get("spec", {})
@@ -296,7 +292,7 @@ def operator_errors(doc: dict[str, Any]) -> list[str]:
             resources = c.get("resources", {})
             requests, limits = resources.get("requests", {}), resources.get("limits", {})
             for res in set(requests) | set(limits):
-                if "gpu" in res and _quantity(requests.get(res)) != _quantity(limits.get(res)):
+                if "gpu" in res and str(requests.get(res)) != str(limits.get(res)):
                     errors.append(
                         f"{where}: {path}: container {c.get('name')!r}: {res} requests ({requests.get(res)}) "
                         f"must equal limits ({limits.get(res)})"
