@@ -33,6 +33,7 @@ STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora")
 SCHEDULES = ("constant", "linear", "cosine")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
+LORA_QUANTIZE = ("nf4",)
 
 
 def _positive(key: str, value: float | int) -> None:
@@ -68,10 +69,14 @@ class ModelConfig:
     pretrained: bool = True
     dtype: str = "float32"
     activation_checkpointing: bool = False
+    # An architecture with no weights (llama3_8b, llama3_70b): for `graft plan` only.
+    config_only: bool = False
 
     def check(self) -> None:
         _one_of("model.task", self.task, MODEL_TASKS)
         _one_of("model.dtype", self.dtype, DTYPES)
+        if self.config_only and self.arch is None:
+            raise ConfigError("model.config_only", "needs model.arch (the architecture to plan)")
         sources = [k for k in ("path", "package", "arch") if getattr(self, k) is not None]
         if len(sources) != 1:
             raise ConfigError(
@@ -124,8 +129,13 @@ class LoraConfig:
     dropout: float = 0.0
     # None = the architecture family's defaults (attention projections).
     target_modules: list[str] | None = None
+    # QLoRA: the frozen base weights quantized to 4 bits (nf4). `graft plan` models it;
+    # training it needs bitsandbytes on CUDA GPUs.
+    quantize: str | None = None
 
     def check(self) -> None:
+        if self.quantize is not None:
+            _one_of("strategy.lora.quantize", self.quantize, LORA_QUANTIZE)
         _positive("strategy.lora.r", self.r)
         _positive("strategy.lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:

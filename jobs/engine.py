@@ -1,7 +1,7 @@
 """DeepSpeed settings, derived in one place from the deepspeed/ and train groups.
 
     python -c "from jobs.engine import deepspeed_config; from conf.schema import *; \
-        print(deepspeed_config(DeepSpeedConfig(stage=3), TrainConfig(), world_size=2))"
+        print(deepspeed_config(DeepSpeedConfig(stage=3), TrainConfig(), world_size=2, hidden_size=64))"
 """
 
 from __future__ import annotations
@@ -26,8 +26,23 @@ def describe_batch(train: TrainConfig, world_size: int) -> str:
     )
 
 
-def deepspeed_config(ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": ds.stage}
+def bucket_sizes(hidden_size: int) -> dict[str, int]:
+    """ZeRO's communication buckets (in elements), sized from the model's hidden size as
+    the Hugging Face integration does; DeepSpeed's defaults (5e8 elements, 2 GB at fp32)
+    would dwarf a small model. The floor keeps tiny models to one bucket."""
+    square = max(hidden_size * hidden_size, 2**20)
+    return {
+        "reduce_bucket_size": square,
+        "allgather_bucket_size": square,
+        "stage3_prefetch_bucket_size": int(0.9 * square),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+
+def deepspeed_config(
+    ds: DeepSpeedConfig, train: TrainConfig, *, world_size: int, hidden_size: int
+) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": ds.stage, **bucket_sizes(hidden_size)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if ds.offload_params:

@@ -37,7 +37,7 @@ from jobs import engine as engine_lib
 from jobs import runlog, strategies
 from jobs.evaluate import evaluate
 from jobs.export import export
-from jobs.models import Layout, build
+from jobs.models import Layout, build, hidden_size
 from jobs.preflight import preflight
 from jobs.strategies.discriminative import param_groups
 
@@ -261,7 +261,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             model=model,
             optimizer=engine_lib.optimizer(groups, train),
             lr_scheduler=lambda opt: engine_lib.scheduler(opt, train),
-            config=engine_lib.deepspeed_config(cfg.deepspeed, train, world_size=world),
+            config=engine_lib.deepspeed_config(
+                cfg.deepspeed, train, world_size=world, hidden_size=hidden_size(model.config)
+            ),
             dist_init_required=False,
         )
         if resume_from is not None and state.step == 0:

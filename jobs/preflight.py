@@ -23,6 +23,18 @@ class Preflight:
 
 def preflight(cfg: FinetuneConfig) -> Preflight:
     cfg.check()
+    if cfg.model.config_only:
+        raise ConfigError(
+            "model.config_only",
+            f"{cfg.model.name} is an architecture without weights, for `graft plan`; to train "
+            "it give its weights: model=hf model.path=<dir with config.json and safetensors>",
+        )
+    if cfg.strategy.name == "lora" and cfg.strategy.lora.quantize:
+        raise ConfigError(
+            "strategy.lora.quantize",
+            "QLoRA training needs bitsandbytes on CUDA GPUs, which this build does not ship; "
+            "`graft plan` estimates it; allowed here: null (16/32-bit LoRA)",
+        )
     if cfg.model.arch is None:
         resolve_source(cfg.model)
     try:

@@ -38,6 +38,8 @@ __all__ = [
     "build_tokenizer",
     "family_of",
     "hf_config",
+    "hidden_size",
+    "model_class",
     "num_blocks",
     "resolve_source",
     "weights_dir",
@@ -176,9 +178,27 @@ def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> PretrainedConfi
     return AutoConfig.from_pretrained(weights_dir(cfg))
 
 
+def hidden_size(config: PretrainedConfig) -> int:
+    """The width of the residual stream (``d_model`` in T5-style configs)."""
+    return int(getattr(config, "hidden_size", None) or config.d_model)
+
+
 def num_blocks(cfg: ModelConfig) -> int:
     config = hf_config(cfg)
     return family_of(config).num_blocks(config)
+
+
+def model_class(cfg: ModelConfig, config: PretrainedConfig, labels: list[str] | None) -> Any:
+    """The Auto class for ``cfg.task``; for classification, ``config`` gets the label map
+    (a new head of len(labels) outputs, carried by the export)."""
+    if cfg.task != "sequence_classification":
+        return AutoModelForCausalLM
+    if not labels:
+        raise ValueError("build: a classification model needs its label list")
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    return AutoModelForSequenceClassification
 
 
 def build(
@@ -192,21 +212,7 @@ def build(
     tokenizer = build_tokenizer(cfg)
     config = hf_config(cfg, tokenizer)
     dtype = getattr(torch, cfg.dtype)
-    kwargs: dict[str, Any] = {}
-    auto: Any
-    if cfg.task == "sequence_classification":
-        if not labels:
-            raise ValueError("build: a classification model needs its label list")
-        kwargs = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-        }
-        auto = AutoModelForSequenceClassification
-    else:
-        auto = AutoModelForCausalLM
-    for key, value in kwargs.items():
-        setattr(config, key, value)
+    auto = model_class(cfg, config, labels)
     config.pad_token_id = tokenizer.pad_token_id
 
     torch.manual_seed(seed)  # same head init (and same scratch weights) on every rank

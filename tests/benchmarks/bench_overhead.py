@@ -97,7 +97,12 @@ def main() -> None:
         "model": {k: v for k, v in vars(cfg.model).items()},
         "data": {k: v for k, v in vars(cfg.data).items()},
         "train": {k: v for k, v in vars(cfg.train).items() if k != "early_stopping"},
-        "deepspeed": deepspeed_config(cfg.deepspeed, cfg.train, world_size=cfg.scaling.num_workers),
+        "deepspeed": deepspeed_config(
+            cfg.deepspeed,
+            cfg.train,
+            world_size=cfg.scaling.num_workers,
+            hidden_size=cfg.model.arch["hidden_size"],
+        ),
     }
     (work / "spec.json").write_text(json.dumps(spec))
     t0 = time.time()

@@ -14,7 +14,7 @@ def test_global_batch_is_micro_times_accumulation_times_world(
     micro: int, accum: int, world: int
 ) -> None:
     train = TrainConfig(micro_batch_size=micro, grad_accum_steps=accum)
-    ds = engine.deepspeed_config(DeepSpeedConfig(stage=2), train, world_size=world)
+    ds = engine.deepspeed_config(DeepSpeedConfig(stage=2), train, world_size=world, hidden_size=64)
     assert ds["train_batch_size"] == micro * accum * world
     assert (
         ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
@@ -27,10 +27,14 @@ def test_offload_and_stage3_settings() -> None:
         DeepSpeedConfig(stage=3, offload_optimizer=True, offload_params=True, bf16=True),
         TrainConfig(),
         world_size=2,
+        hidden_size=4096,
     )
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
     assert zero["offload_optimizer"]["device"] == "cpu" and ds["bf16"]["enabled"] is True
+    # Buckets follow the model's width (DeepSpeed's 5e8-element defaults would not).
+    assert zero["reduce_bucket_size"] == 4096 * 4096
+    assert zero["stage3_param_persistence_threshold"] == 40960
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])

@@ -1,0 +1,137 @@
+"""Measure what a config really uses per rank: model-state bytes, saved activations, speed.
+
+    python -m torch.distributed.run --nproc_per_node 2 -m jobs.memprobe OUT.json [overrides]
+
+The same model, strategy, parameter groups and DeepSpeed config as `graft finetune`
+(the worker's code path without Ray, data files or checkpoints), on synthetic batches of
+``train.micro_batch_size`` x ``data.max_length`` tokens. Per rank it measures:
+
+- model states: the bytes of every distinct live tensor storage on the CPU
+  (``jobs.memory.live_tensor_bytes``: parameters, gradients, optimizer states,
+  DeepSpeed's flat buffers, partitions and buckets), taken on the last step inside
+  backward (when the bottom block's gradient is due), after backward and after
+  ``step``, the largest of the three; minus what was live before the model was built;
+- activations: the bytes of distinct storages autograd saved during the last forward
+  (parameters excluded), the same counter the planner runs on the meta device;
+- tokens/s over the steps after the first, and the process's peak RSS.
+
+Used by the planner's tests (``tests/integration/test_plan.py``) and the memory
+benchmarks. The JSON holds every rank's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    import deepspeed
+
+    from jobs import engine as engine_lib
+    from jobs import memory, plan, strategies
+    from jobs.config import compose
+    from jobs.models import Layout, build, hidden_size
+    from jobs.strategies.discriminative import param_groups
+
+    warnings.filterwarnings("ignore")
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    steps = int(os.environ.get("GRAFT_PROBE_STEPS", "3"))
+    cfg = compose(overrides)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    train = cfg.train
+    baseline = memory.live_tensor_bytes()
+
+    labels = plan.labels_for(cfg)
+    model, tokenizer = build(cfg.model, labels=labels, seed=train.seed)
+    layout = Layout.of(model.config)
+    blocks = plan.block_modules(model, layout)
+    model = strategies.apply(model, cfg.strategy, layout)
+    groups = param_groups(
+        model,
+        layout,
+        lr=train.lr,
+        lr_ratio=cfg.strategy.lr_ratio,
+        head_lr_mult=cfg.strategy.head_lr_mult,
+        weight_decay=train.weight_decay,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=engine_lib.optimizer(groups, train),
+        config=engine_lib.deepspeed_config(
+            cfg.deepspeed, train, world_size=world, hidden_size=hidden_size(model.config)
+        ),
+        dist_init_required=False,
+    )
+    engine.train()
+    generator = torch.Generator().manual_seed(rank)
+    mb, seq = train.micro_batch_size, cfg.data.max_length
+    vocab = len(tokenizer)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(4, vocab, (mb, seq), generator=generator)
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if labels:
+            out["labels"] = torch.randint(0, len(labels), (mb,), generator=generator)
+        else:
+            out["labels"] = ids.clone()
+        return out
+
+    peak = [0]
+    saved: memory.SavedActivations | None = None
+
+    def census(*args: object) -> None:
+        exclude = saved.alive() if saved is not None else set()
+        peak[0] = max(peak[0], memory.live_tensor_bytes(exclude=exclude))
+
+    activations, times = 0, []
+    for step in range(steps):
+        inputs = batch()
+        last = step == steps - 1
+        if last:
+            # Inside backward, when the bottom block's gradient is due: buckets are full
+            # and ZeRO-3 has that block's weights gathered.
+            during = blocks[0].register_full_backward_pre_hook(census)
+            with memory.SavedActivations(engine.module, blocks) as saved:  # noqa: F811
+                loss = engine(**inputs).loss
+            activations = saved.total
+        else:
+            loss = engine(**inputs).loss
+        del inputs
+        engine.backward(loss)
+        del loss
+        if last:
+            during.remove()
+            census()
+        engine.step()
+        if last:
+            census()
+        times.append(time.time())
+
+    tokens_per_s = (len(times) - 1) * mb * seq * world / (times[-1] - times[0])
+    mine = {
+        "rank": rank,
+        "model_states": peak[0] - baseline,
+        "activations": activations,
+        "tokens_per_s": tokens_per_s,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    gathered: list[dict[str, float] | None] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"world_size": world, "ranks": gathered}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
