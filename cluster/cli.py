@@ -4,6 +4,7 @@ graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspee
 graft finetune --cfg                  print the composed config and exit
 graft sweep [hydra overrides]         e.g. graft sweep sweep.num_trials=40 sweep.max_concurrent=4
 graft report runs/<sweep-name>        report.md/html, plots and best.yaml of a sweep
+graft plan [overrides] [--num-gpus 8] [--gpu-memory 80GiB] [--recommend]   will it fit?
 graft cluster up|down|status          a local multi-process Ray cluster
 graft submit finetune|sweep [overrides] --address http://HEAD:8265
 graft status [JOB] | logs JOB [--follow] | stop JOB | list     jobs on a cluster
@@ -97,6 +98,54 @@ def _run(kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bo
     except (ConfigError, ConnectionError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def plan(
+    overrides: Overrides = None,
+    num_gpus: Annotated[
+        int | None,
+        typer.Option(help="Data-parallel ranks (GPUs) to plan for; default: what scaling/ asks."),
+    ] = None,
+    gpu_memory: Annotated[
+        str, typer.Option(help="Memory of one device, e.g. 80GiB, 40GB, 24GiB.")
+    ] = "80GiB",
+    recommend: Annotated[
+        bool,
+        typer.Option(
+            "--recommend", help="Also print the cheapest configurations that fit, as overrides."
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Preflight: per-device memory (parameters, gradients, optimizer states, activations)
+    and compatibility checks, from the model's config on the meta device; no weights are
+    loaded, no GPU is needed. Exits 1 when it does not fit or a check fails."""
+    import json
+
+    from conf.schema import ConfigError
+    from jobs import plan as planner
+
+    config = _compose(overrides, "finetune")
+    if num_gpus is not None and num_gpus < 1:
+        err.print(f"[red]error:[/red] --num-gpus: must be >= 1, got {num_gpus}")
+        raise typer.Exit(2)
+    try:
+        device = planner.parse_size(gpu_memory)
+        result = planner.estimate(config, num_gpus=num_gpus, device_bytes=device)
+        options = (
+            planner.recommend(config, num_gpus=num_gpus, device_bytes=device) if recommend else None
+        )
+    except (ConfigError, ValueError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(planner.to_dict(result, options), indent=2))
+    else:
+        console = Console(width=max(Console().width, 120), soft_wrap=True)
+        planner.render(result, console, options=options, overrides=overrides or [])
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 def _name(config: Any, kind: str) -> str:
