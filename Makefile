@@ -11,7 +11,7 @@ export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install install-models demo test test-all lint bench lock clean
+.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning lock clean
 
 install: $(STAMP)
 
@@ -43,8 +43,19 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: install-models
+# Each writes runs/bench/<name>.json and <name>.md; ~1 h in all on 2 cores.
+bench: bench-transfer bench-overhead bench-memory bench-pruning
+
+bench-transfer: install-models
+	$(PY) tests/benchmarks/bench_transfer.py
+
+bench-overhead: install
 	$(PY) tests/benchmarks/bench_overhead.py
+
+bench-memory: install
+	$(PY) tests/benchmarks/bench_memory.py
+
+bench-pruning: install
 	$(PY) tests/benchmarks/bench_sweep_pruning.py
 
 lock:

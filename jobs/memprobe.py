@@ -1,6 +1,7 @@
 """Measure what a config really uses per rank: model-state bytes, saved activations, speed.
 
     python -m torch.distributed.run --nproc_per_node 2 -m jobs.memprobe OUT.json [overrides]
+        [:: more overrides ...]     # several configs in one process group, in order
 
 The same model, strategy, parameter groups and DeepSpeed config as `graft finetune`
 (the worker's code path without Ray, data files or checkpoints), on synthetic batches of
@@ -13,14 +14,18 @@ The same model, strategy, parameter groups and DeepSpeed config as `graft finetu
   ``step``, the largest of the three; minus what was live before the model was built;
 - activations: the bytes of distinct storages autograd saved during the last forward
   (parameters excluded), the same counter the planner runs on the meta device;
-- tokens/s over the steps after the first, and the process's peak RSS.
+- tokens/s (all ranks) between the end of the first step and the end of the one
+  before the last, and the process's peak RSS.
 
 Used by the planner's tests (``tests/integration/test_plan.py``) and the memory
-benchmarks. The JSON holds every rank's numbers.
+benchmarks. The JSON holds every rank's numbers per config. Peak RSS is the process's,
+so it means something for the first config only; run ZeRO-3 configs last (DeepSpeed
+leaves its ZeRO-3 linear in place of ``F.linear`` for the rest of the process).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -31,22 +36,18 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from conf.schema import FinetuneConfig
 
-def main() -> None:
+
+def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[str, float]:
+    """One config's numbers on this rank."""
     import deepspeed
 
     from jobs import engine as engine_lib
     from jobs import memory, plan, strategies
-    from jobs.config import compose
     from jobs.models import Layout, build, hidden_size
     from jobs.strategies.discriminative import param_groups
 
-    warnings.filterwarnings("ignore")
-    out_path, overrides = sys.argv[1], sys.argv[2:]
-    steps = int(os.environ.get("GRAFT_PROBE_STEPS", "3"))
-    cfg = compose(overrides)
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     train = cfg.train
     baseline = memory.live_tensor_bytes()
 
@@ -116,7 +117,10 @@ def main() -> None:
             census()
         times.append(time.time())
 
-    tokens_per_s = (len(times) - 1) * mb * seq * world / (times[-1] - times[0])
+    # Timed from the end of the first step to the end of the one before the last (the
+    # last one pays for the census).
+    timed = times[:-1]
+    tokens_per_s = (len(timed) - 1) * mb * seq * world / (timed[-1] - timed[0])
     mine = {
         "rank": rank,
         "model_states": peak[0] - baseline,
@@ -124,11 +128,37 @@ def main() -> None:
         "tokens_per_s": tokens_per_s,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    gathered: list[dict[str, float] | None] = [None] * world
-    dist.all_gather_object(gathered, mine)
+    engine.destroy()
+    return mine
+
+
+def main() -> None:
+    import deepspeed
+
+    from jobs.config import compose
+
+    warnings.filterwarnings("ignore")
+    out_path, args = sys.argv[1], sys.argv[2:]
+    # Several configs, separated by "::", run one after another in this process group.
+    configs: list[list[str]] = [[]]
+    for arg in args:
+        if arg == "::":
+            configs.append([])
+        else:
+            configs[-1].append(arg)
+    steps = max(int(os.environ.get("GRAFT_PROBE_STEPS", "3")), 3)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    runs = []
+    for overrides in configs:
+        mine = measure(compose(overrides), steps=steps, rank=rank, world=world)
+        gathered: list[dict[str, float] | None] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        runs.append({"overrides": overrides, "ranks": gathered})
+        gc.collect()
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"world_size": world, "ranks": gathered}, f, indent=1)
+            json.dump({"world_size": world, "runs": runs}, f, indent=1)
     dist.destroy_process_group()
 
 

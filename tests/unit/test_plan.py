@@ -6,14 +6,13 @@ The ±15% comparison with measured runs is in tests/integration/test_plan.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+from typer.testing import CliRunner
 
 from conf.schema import ConfigError
 from jobs import plan, strategies
@@ -21,7 +20,6 @@ from jobs.config import compose
 from jobs.models import Layout, build
 from jobs.preflight import preflight
 
-ROOT = Path(__file__).parents[2]
 LLM = ["data=jsonl", "data.path=unused.jsonl", "data.task=instruction"]
 TINY = ["model=tiny_llama", *LLM, "data.max_length=64"]
 LLAMA8B = ["model=llama3_8b", *LLM, "data.max_length=2048", "deepspeed.bf16=true"]
@@ -233,31 +231,28 @@ def test_config_only_models_and_qlora_are_refused_for_training_with_the_key() ->
         compose([*TINY, "strategy=lora", "strategy.lora.quantize=int3"]).check()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "plan", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+def _cli(*args: str) -> Result:
+    from cluster.cli import app
+
+    return CliRunner().invoke(app, ["plan", *args])
 
 
 def test_cli_plan_prints_the_table_and_exits_by_verdict() -> None:
     fits = _cli(
         *LLAMA8B, "strategy=lora", "deepspeed=zero3", "scaling=gpu8", "train.micro_batch_size=1"
     )
-    assert fits.returncode == 0, fits.stderr
+    assert fits.exit_code == 0, fits.output
     assert "optimizer states" in fits.stdout and "fits:" in fits.stdout
     assert "with activation checkpointing on" in fits.stdout
 
     too_big = _cli(*LLAMA8B, "model=llama3_70b", "scaling=gpu8", "--recommend", "--json")
-    assert too_big.returncode == 1
+    assert too_big.exit_code == 1
     data = json.loads(too_big.stdout)
     assert data["fits"] is False and data["params"]["total"] == 70_553_706_496
     assert data["recommend"] and data["recommend"][0]["total"] <= 80 * 2**30
 
     bad = _cli(*TINY, "deepspeed.stage=5")
-    assert bad.returncode == 2 and "deepspeed" in bad.stderr
+    assert bad.exit_code == 2 and "deepspeed" in bad.output
 
 
 def test_trace_leaves_torch_functions_as_they_were() -> None:
