@@ -216,6 +216,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     model: torch.nn.Module
     model, tokenizer = build(cfg.model, labels=dataset.labels, seed=train.seed)
     layout = Layout.of(model.config)
+    width = hidden_size(model.config)
     train_set = data_lib.encode(dataset.train, tokenizer, cfg.data, dataset.labels)
     eval_set = data_lib.encode(dataset.eval, tokenizer, cfg.data, dataset.labels)
     pad_id = tokenizer.pad_token_id
@@ -262,7 +263,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer=engine_lib.optimizer(groups, train),
             lr_scheduler=lambda opt: engine_lib.scheduler(opt, train),
             config=engine_lib.deepspeed_config(
-                cfg.deepspeed, train, world_size=world, hidden_size=hidden_size(model.config)
+                cfg.deepspeed, train, world_size=world, hidden_size=width
             ),
             dist_init_required=False,
         )

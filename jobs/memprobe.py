@@ -52,7 +52,9 @@ def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[s
     baseline = memory.live_tensor_bytes()
 
     labels = plan.labels_for(cfg)
+    model: torch.nn.Module
     model, tokenizer = build(cfg.model, labels=labels, seed=train.seed)
+    width = hidden_size(model.config)
     layout = Layout.of(model.config)
     blocks = plan.block_modules(model, layout)
     model = strategies.apply(model, cfg.strategy, layout)
@@ -68,7 +70,7 @@ def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[s
         model=model,
         optimizer=engine_lib.optimizer(groups, train),
         config=engine_lib.deepspeed_config(
-            cfg.deepspeed, train, world_size=world, hidden_size=hidden_size(model.config)
+            cfg.deepspeed, train, world_size=world, hidden_size=width
         ),
         dist_init_required=False,
     )

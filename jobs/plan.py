@@ -79,7 +79,7 @@ def block_modules(model: nn.Module, layout: Layout) -> list[nn.Module]:
     """The model's blocks, bottom to top (peft-wrapped or not)."""
     blocks: list[nn.Module] = []
     for path in layout.family.blocks:
-        blocks.extend(model.get_submodule(path))
+        blocks.extend(model.get_submodule(path).children())
     return blocks
 
 
@@ -214,7 +214,7 @@ def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Acti
     model = strategies.apply(model, cfg.strategy, layout)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = model.config
+    config: Any = model.config
     counts = Counts(
         total=total,
         trainable=trainable,
