@@ -20,6 +20,9 @@ NEEDS = {
     ("model", "hf"): ["model.path=/tmp"],
     ("data", "jsonl"): ["data.path=/tmp/x.jsonl"],
     ("cluster", "remote"): ["cluster.address=127.0.0.1:1"],
+    # Config-only LLaMA 3 entries are bf16 and causal LMs.
+    ("model", "llama3_8b"): ["deepspeed.bf16=true", "data=wordnet_instruct"],
+    ("model", "llama3_70b"): ["deepspeed.bf16=true", "data=wordnet_instruct"],
 }
 TASK_OF_DATA = {"wordnet_instruct": "smollm2_135m"}
 
