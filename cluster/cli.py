@@ -451,7 +451,12 @@ def k8s_render(
         raise typer.Exit(2)
     text = yaml.safe_dump(job, sort_keys=False)
     if output:
-        output.write_text(text)
+        command = " ".join(
+            ["graft k8s render", kind, *(overrides or []), "--image", image]
+            + (["--namespace", namespace] if namespace else [])
+            + ["-o", str(output)]
+        )
+        output.write_text(f"# Rendered by: {command}\n# kubectl apply -f this file.\n{text}")
         typer.echo(f"graft: wrote {output}")
     else:
         typer.echo(text, nl=False)
