@@ -33,7 +33,7 @@ demo: install
 	$(VENV)/bin/graft finetune
 
 test: install
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=25
 
 test-all: install-models
 	$(PY) -m pytest -q

@@ -60,6 +60,10 @@ def parse_size(text: str) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
 def fmt(nbytes: float) -> str:
     return f"{nbytes / GiB:,.2f} GiB" if nbytes >= GiB / 100 else f"{nbytes / 2**20:,.2f} MiB"
 
@@ -687,7 +691,7 @@ def render(
         if on
     ]
     console.print(
-        f"graft plan: {cfg.model.name} ({c.total / 1e9:.3g}B parameters, {c.num_blocks} blocks), "
+        f"graft plan: {cfg.model.name} ({_count(c.total)} parameters, {c.num_blocks} blocks), "
         f"strategy {cfg.strategy.name}: {c.trainable:,} trainable ({share:.2%}); "
         f"ZeRO-{cfg.deepspeed.stage}{' + offload ' + '/'.join(offload) if offload else ''}, "
         f"{precision}, {plan.world} ranks, micro batch {cfg.train.micro_batch_size} x "
