@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from conf.schema import FinetuneConfig
+from conf.schema import FinetuneConfig, StrategyConfig
 from jobs import checkpoint as ckpt
 from jobs import config as config_lib
 from jobs import data as data_lib
@@ -199,9 +199,54 @@ def _improved(value: float, best: float | None, *, mode: str, min_delta: float) 
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+@dataclasses.dataclass
+class PhaseEngine:
+    engine: Any
+    group_names: list[str]
+    trainable: int
+    total: int
+
+
+def start_engine(
+    model: torch.nn.Module,
+    strategy: StrategyConfig,
+    cfg: FinetuneConfig,
+    layout: Layout,
+    *,
+    world: int,
+    width: int,
+) -> PhaseEngine:
+    """Apply a phase's strategy, group the trainable parameters (discriminative lrs) and
+    start its DeepSpeed engine. The worker's path; ``jobs.memprobe`` measures this too."""
+    import deepspeed
+
+    train = cfg.train
+    model = strategies.apply(model, strategy, layout)
+    groups = param_groups(
+        model,
+        layout,
+        lr=train.lr,
+        lr_ratio=strategy.lr_ratio,
+        head_lr_mult=strategy.head_lr_mult,
+        weight_decay=train.weight_decay,
+    )
+    # Counted before DeepSpeed: under ZeRO-3 each rank's tensors are [0] afterwards.
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    total = sum(p.numel() for p in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=engine_lib.optimizer(groups, train),
+        lr_scheduler=lambda opt: engine_lib.scheduler(opt, train),
+        config=engine_lib.deepspeed_config(
+            cfg.deepspeed, train, world_size=world, hidden_size=width
+        ),
+        dist_init_required=False,
+    )
+    return PhaseEngine(engine, [g["name"] for g in groups], trainable, total)
+
+
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker. ``loop_config["cfg"]`` is the plain, validated dataclass."""
-    import deepspeed
     import ray.train
 
     _quiet()
@@ -245,28 +290,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     engine: Any = None
     for phase in strategies.phases(cfg.strategy, train.max_steps):
-        model = strategies.apply(model, phase.strategy, layout)
-        groups = param_groups(
-            model,
-            layout,
-            lr=train.lr,
-            lr_ratio=phase.strategy.lr_ratio,
-            head_lr_mult=phase.strategy.head_lr_mult,
-            weight_decay=train.weight_decay,
-        )
-        group_names = [g["name"] for g in groups]
-        # Counted before DeepSpeed: under ZeRO-3 each rank's tensors are [0] afterwards.
-        trainable = sum(p.numel() for g in groups for p in g["params"])
-        total = sum(p.numel() for p in model.parameters())
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=engine_lib.optimizer(groups, train),
-            lr_scheduler=lambda opt: engine_lib.scheduler(opt, train),
-            config=engine_lib.deepspeed_config(
-                cfg.deepspeed, train, world_size=world, hidden_size=width
-            ),
-            dist_init_required=False,
-        )
+        started = start_engine(model, phase.strategy, cfg, layout, world=world, width=width)
+        engine, trainable, total = started.engine, started.trainable, started.total
+        group_names = started.group_names
         if resume_from is not None and state.step == 0:
             state = State(**ckpt.load(engine, resume_from, rank=rank, world_size=world))
             log.truncate_after(state.step)

@@ -4,7 +4,8 @@
         [:: more overrides ...]     # several configs in one process group, in order
 
 The same model, strategy, parameter groups and DeepSpeed config as `graft finetune`
-(the worker's code path without Ray, data files or checkpoints), on synthetic batches of
+(``jobs.finetune.start_engine``, the worker's own code, without Ray, data files or
+checkpoints), on synthetic batches of
 ``train.micro_batch_size`` x ``data.max_length`` tokens. Per rank it measures:
 
 - model states: the bytes of every distinct live tensor storage on the CPU
@@ -41,12 +42,9 @@ from conf.schema import FinetuneConfig
 
 def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[str, float]:
     """One config's numbers on this rank."""
-    import deepspeed
-
-    from jobs import engine as engine_lib
-    from jobs import memory, plan, strategies
+    from jobs import memory, plan
+    from jobs.finetune import start_engine
     from jobs.models import Layout, build, hidden_size
-    from jobs.strategies.discriminative import param_groups
 
     train = cfg.train
     baseline = memory.live_tensor_bytes()
@@ -57,23 +55,7 @@ def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[s
     width = hidden_size(model.config)
     layout = Layout.of(model.config)
     blocks = plan.block_modules(model, layout)
-    model = strategies.apply(model, cfg.strategy, layout)
-    groups = param_groups(
-        model,
-        layout,
-        lr=train.lr,
-        lr_ratio=cfg.strategy.lr_ratio,
-        head_lr_mult=cfg.strategy.head_lr_mult,
-        weight_decay=train.weight_decay,
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=engine_lib.optimizer(groups, train),
-        config=engine_lib.deepspeed_config(
-            cfg.deepspeed, train, world_size=world, hidden_size=width
-        ),
-        dist_init_required=False,
-    )
+    engine = start_engine(model, cfg.strategy, cfg, layout, world=world, width=width).engine
     engine.train()
     generator = torch.Generator().manual_seed(rank)
     mb, seq = train.micro_batch_size, cfg.data.max_length
