@@ -69,12 +69,12 @@ def _budget(steps: int) -> list[str]:
     ]
 
 
-def _finetune(overrides: list[str], out: Path, name: str) -> dict[str, Any]:
+def _finetune(overrides: list[str], out: Path, name: str, data: list[str] = DATA) -> dict[str, Any]:
     from jobs.finetune import run
 
     started = time.time()
     summary = run(
-        compose(DATA + overrides + [f"run.output_dir={out}", f"run.name={name}"]),
+        compose(data + overrides + [f"run.output_dir={out}", f"run.name={name}"]),
         show_progress=False,
     )
     records = runlog.read(summary.run_dir)
@@ -194,7 +194,7 @@ def sweep_best(steps: int, out: Path) -> dict[str, Any]:
 
 
 def smollm2(out: Path) -> dict[str, Any]:
-    return _finetune(["experiment=smollm2_lora", "run.export=false"], out, "smollm2-lora")
+    return _finetune(["experiment=smollm2_lora", "run.export=false"], out, "smollm2-lora", data=[])
 
 
 def _table(results: dict[str, dict[str, Any]], steps: int) -> str:
@@ -230,13 +230,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
-    parser.add_argument("--only", nargs="*", help="strategies to run (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        help="rows to (re)run, keeping the others from an earlier transfer.json: "
+        "linear_probe, a strategy name, sweep_best, smollm2_lora (default: all)",
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "transfer-runs"
     results: dict[str, dict[str, Any]] = {}
+    earlier = out / "transfer.json"
+    if args.only and earlier.exists():
+        results = json.loads(earlier.read_text())["results"]
+
+    def wanted(name: str) -> bool:
+        return not args.only or name in args.only
 
     def save() -> None:
         (out / "transfer.json").write_text(
@@ -246,18 +257,19 @@ def main() -> None:
         )
         (out / "transfer.md").write_text(_table(results, args.steps))
 
-    results["linear_probe"] = linear_probe()
-    save()
+    if wanted("linear_probe"):
+        results["linear_probe"] = linear_probe()
+        save()
     for name, overrides in STRATEGIES.items():
-        if args.only and name not in args.only:
+        if not wanted(name):
             continue
         results[name] = _finetune(overrides + _budget(args.steps), work, name)
         print(f"bench: {name}: {results[name]}", flush=True)
         save()
-    if not args.skip_sweep:
+    if not args.skip_sweep and wanted("sweep_best"):
         results["sweep_best"] = sweep_best(args.steps, work)
         save()
-    if not args.skip_llm:
+    if not args.skip_llm and wanted("smollm2_lora"):
         results["smollm2_lora"] = smollm2(work)
         save()
     print(_table(results, args.steps))
