@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def _budget(steps: int) -> list[str]:
 def _finetune(overrides: list[str], out: Path, name: str, data: list[str] = DATA) -> dict[str, Any]:
     from jobs.finetune import run
 
+    shutil.rmtree(out / name, ignore_errors=True)  # measure a fresh run, never a resume
     started = time.time()
     summary = run(
         compose(data + overrides + [f"run.output_dir={out}", f"run.name={name}"]),
@@ -160,6 +162,7 @@ def linear_probe() -> dict[str, Any]:
 def sweep_best(steps: int, out: Path) -> dict[str, Any]:
     from jobs.sweep import run as sweep
 
+    shutil.rmtree(out / "transfer-sweep", ignore_errors=True)
     started = time.time()
     half = max(steps // 2, 3)
     result = sweep(
