@@ -62,11 +62,6 @@ def _trials(summary_dir: Path, storage: str | None = None) -> Any:
     return optuna.load_study(study_name=meta["study"], storage=storage or meta["storage"])
 
 
-def _span(run_dir: Path) -> tuple[float, float]:
-    records = runlog.read(run_dir)
-    return records[0]["time"], records[-1]["time"]
-
-
 def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
     data_dir: Path, tmp_path: Path
 ) -> None:
@@ -120,9 +115,13 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
     rows = json.loads(listed.stdout)
     assert len(rows) == 6 and all("lr" in r["params"] for r in rows)
 
-    # Two 1-worker trials ran side by side on the 2-CPU cluster (no nested deadlock).
-    (a0, a1), (b0, b1) = (_span(Path(t.user_attrs["run_dir"])) for t in trials[:2])
-    assert a0 < b1 and b0 < a1, "trials 0 and 1 did not overlap"
+    # Two 1-worker trials ran side by side on the 2-CPU cluster (no nested deadlock):
+    # the searcher handed out trial 1 before trial 0 finished. (Their training spans are
+    # only seconds long here, so comparing those would depend on start-up jitter.)
+    a, b = trials[0], trials[1]
+    assert a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete, (
+        "trials 0 and 1 did not overlap"
+    )
 
     # Baseline and summary.
     summary = json.loads((result.sweep_dir / "summary.json").read_text())
