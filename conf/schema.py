@@ -24,12 +24,20 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+        self.message = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised on a Ray worker, it is pickled back to the driver.
+        return ConfigError, (self.key, self.message)
 
 
 MODEL_TASKS = ("causal_lm", "sequence_classification")
 DATA_SOURCES = ("file", "stdlib_docs", "wordnet_supersense", "wordnet_instruct")
 DATA_TASKS = ("classification", "instruction", "text")
-STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora")
+STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
+PROGRESSIVE_BASES = ("freeze_depth", "lora")
+# Loss terms added to the task loss (jobs/objectives/<name>.py).
+TERMS = ("l2sp",)
 SCHEDULES = ("constant", "linear", "cosine")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
@@ -100,6 +108,12 @@ class DataConfig:
     labels: list[str] | None = None
     max_length: int = 128
     eval_fraction: float = 0.1
+    # Held-out test split, only reported (never used to stop early or to pick a trial):
+    # a share of the data, or the user's own file (same formats as data.path).
+    test_fraction: float = 0.0
+    # Validation / test files used exactly as given (then no share is split off for them).
+    eval_path: str | None = None
+    test_path: str | None = None
     # Cap on examples read (after a deterministic shuffle); None = all.
     max_examples: int | None = None
     # Builtin sources: keep the N most frequent classes.
@@ -112,6 +126,22 @@ class DataConfig:
         _positive("data.max_length", self.max_length)
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(
+                "data.test_fraction",
+                f"must be in [0, 1) (0 = no test split), got {self.test_fraction}",
+            )
+        if self.test_path is not None and self.test_fraction:
+            raise ConfigError(
+                "data.test_fraction",
+                f"give data.test_path or data.test_fraction, not both (got {self.test_fraction})",
+            )
+        if self.test_fraction + self.eval_fraction >= 1.0 and self.eval_path is None:
+            raise ConfigError(
+                "data.test_fraction",
+                f"data.test_fraction + data.eval_fraction = {self.test_fraction + self.eval_fraction:g} "
+                "leaves nothing to train on; allowed: a sum below 1",
+            )
         if self.max_examples is not None:
             _positive("data.max_examples", self.max_examples)
         if self.num_classes is not None and self.num_classes < 2:
@@ -143,6 +173,65 @@ class LoraConfig:
 
 
 @dataclass
+class ProgressiveConfig:
+    """Gradual unfreezing (ULMFiT): training starts with the top
+    ``strategy.num_trainable_blocks`` blocks (0 = the head only) and unfreezes
+    ``blocks_per_phase`` more at each boundary, until ``final_blocks``."""
+
+    # Steps between unfreezes ...
+    unfreeze_every: int | None = None
+    # ... or the boundaries themselves: steps (ints, ascending) or fractions of
+    # train.max_steps (floats in (0, 1)), one per unfreeze. Neither: phases of equal
+    # length that reach final_blocks.
+    unfreeze: list[float] | None = None
+    blocks_per_phase: int = 1
+    # The depth the last phase trains; None = every block.
+    final_blocks: int | None = None
+    # What unfreezes: whole blocks (freeze_depth) or LoRA adapters in all final_blocks
+    # blocks, trainable from the top down (lora; strategy.lora configures them).
+    base: str = "freeze_depth"
+    # Warm the lr up again over this many steps at each phase after the first (0 = off).
+    rewarmup_steps: int = 0
+
+    def check(self) -> None:
+        _one_of("strategy.progressive.base", self.base, PROGRESSIVE_BASES)
+        _positive("strategy.progressive.blocks_per_phase", self.blocks_per_phase)
+        _non_negative("strategy.progressive.rewarmup_steps", self.rewarmup_steps)
+        if self.final_blocks is not None:
+            _positive("strategy.progressive.final_blocks", self.final_blocks)
+        if self.unfreeze_every is not None and self.unfreeze is not None:
+            raise ConfigError(
+                "strategy.progressive.unfreeze_every",
+                "give one of strategy.progressive.unfreeze_every (steps between unfreezes) "
+                "and strategy.progressive.unfreeze (a list of steps or fractions), not both",
+            )
+        if self.unfreeze_every is not None:
+            _positive("strategy.progressive.unfreeze_every", self.unfreeze_every)
+        if self.unfreeze is not None:
+            points = list(self.unfreeze)
+            if not points:
+                raise ConfigError(
+                    "strategy.progressive.unfreeze", "is empty: give at least one boundary"
+                )
+            fractions = [0.0 < p < 1.0 for p in points]
+            if any(fractions) and not all(fractions):
+                raise ConfigError(
+                    "strategy.progressive.unfreeze",
+                    f"{points} mixes fractions and steps; give all fractions in (0, 1) or all steps >= 1",
+                )
+            if not all(fractions) and any(p < 1 or p != int(p) for p in points):
+                raise ConfigError(
+                    "strategy.progressive.unfreeze",
+                    f"{points}: steps must be whole numbers >= 1 (or give fractions in (0, 1))",
+                )
+            if any(b <= a for a, b in zip(points, points[1:], strict=False)):
+                raise ConfigError(
+                    "strategy.progressive.unfreeze",
+                    f"{points} is out of order; boundaries must strictly increase",
+                )
+
+
+@dataclass
 class StrategyConfig:
     name: str = "full"
     # Blocks that train, counted from the top; None = all. 0 = head only.
@@ -153,6 +242,7 @@ class StrategyConfig:
     lr_ratio: float = 1.0
     head_lr_mult: float = 1.0
     lora: LoraConfig = field(default_factory=LoraConfig)
+    progressive: ProgressiveConfig = field(default_factory=lambda: ProgressiveConfig())
 
     def check(self) -> None:
         _one_of("strategy.name", self.name, STRATEGIES)
@@ -161,8 +251,10 @@ class StrategyConfig:
         if not 0.0 < self.lr_ratio <= 1.0:
             raise ConfigError("strategy.lr_ratio", f"must be in (0, 1], got {self.lr_ratio}")
         _positive("strategy.head_lr_mult", self.head_lr_mult)
-        if self.name == "lora":
+        if self.name == "lora" or (self.name == "progressive" and self.progressive.base == "lora"):
             self.lora.check()
+        if self.name == "progressive":
+            self.progressive.check()
 
 
 @dataclass
@@ -226,9 +318,23 @@ class EarlyStoppingConfig:
 
     def check(self) -> None:
         _one_of("train.early_stopping.mode", self.mode, ("min", "max"))
-        _one_of("train.early_stopping.metric", self.metric, ("eval_loss", "eval_accuracy"))
+        _one_of(
+            "train.early_stopping.metric",
+            self.metric,
+            ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+        )
         _positive("train.early_stopping.patience", self.patience)
         _non_negative("train.early_stopping.min_delta", self.min_delta)
+
+
+@dataclass
+class TermConfig:
+    """One loss term added to the task loss: loss = task loss + sum of weight x term."""
+
+    name: str = MISSING
+    weight: float = 1.0
+    # The term's own settings (each term documents and checks its keys).
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -252,8 +358,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    # Fault injection for resume tests: every worker raises right after this step.
-    fail_at_step: int | None = None
 
     def check(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "lr"):
@@ -403,6 +507,8 @@ class FinetuneConfig:
     cluster: ClusterConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Extra loss terms, e.g. [{name: l2sp, weight: 0.01}] (jobs/objectives/).
+    objectives: list[TermConfig] = field(default_factory=list)
     # Set by `graft sweep` (conf/sweep.yaml); None for a single fine-tuning run.
     sweep: SweepConfig | None = None
 
@@ -420,6 +526,32 @@ class FinetuneConfig:
             group.check()
         if self.sweep is not None:
             self.sweep.check()
+        names = []
+        for i, term in enumerate(self.objectives):
+            _one_of(f"objectives[{i}].name", term.name, TERMS)
+            if term.weight < 0:
+                raise ConfigError(
+                    f"objectives[{i}].weight", f"must be >= 0 ({term.name}), got {term.weight}"
+                )
+            if term.name in names:
+                raise ConfigError(f"objectives[{i}].name", f"{term.name!r} is given twice")
+            names.append(term.name)
+        if self.strategy.name == "progressive" and self.strategy.progressive.unfreeze:
+            points = self.strategy.progressive.unfreeze
+            if points[0] >= 1 and points[-1] >= self.train.max_steps:
+                raise ConfigError(
+                    "strategy.progressive.unfreeze",
+                    f"{points}: step {points[-1]:g} is not before train.max_steps={self.train.max_steps}; "
+                    f"allowed: 1..{self.train.max_steps - 1}",
+                )
+        if self.strategy.name == "progressive" and self.strategy.progressive.unfreeze_every:
+            every = self.strategy.progressive.unfreeze_every
+            if every >= self.train.max_steps:
+                raise ConfigError(
+                    "strategy.progressive.unfreeze_every",
+                    f"{every} steps is not less than train.max_steps={self.train.max_steps}: "
+                    f"nothing would unfreeze; allowed: 1..{self.train.max_steps - 1}",
+                )
         if self.data.task == "classification" and self.model.task != "sequence_classification":
             raise ConfigError(
                 "model.task",

@@ -1,7 +1,12 @@
-"""DeepSpeed checkpoints inside Ray Train checkpoints, with a commit marker per rank.
+"""DeepSpeed checkpoints in the run directory, with a commit marker per rank.
+
+Every rank writes straight into ``<run>/checkpoints/step_N`` (storage all workers see,
+like the rest of the run directory), so a run needs no copy through Ray's storage and
+several runs can share one Train gang.
 
 A checkpoint directory holds DeepSpeed's files (tag ``ds``), one RNG state per rank,
-``meta.json`` and a ``COMMITTED.rank<r>`` marker that each rank writes last. It is
+``meta.json`` (step, world size, ZeRO stage, the run state: phase, best, ...) and a
+``COMMITTED.rank<r>`` marker that each rank writes last. It is
 complete only when every rank's marker is there; an incomplete one is never loaded.
 """
 
@@ -9,6 +14,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ def save(
             "step": state["step"],
             "world_size": world_size,
             "zero_stage": engine.zero_optimization_stage(),
+            "state": state,
         }
         (directory / META).write_text(json.dumps(meta))
     (directory / f"COMMITTED.rank{rank}").touch()
@@ -58,6 +66,27 @@ def latest_complete(parent: Path) -> Path | None:
         if is_complete(candidate):
             return candidate
     return None
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """The run state a checkpoint holds (step, phase, ...), read without an engine."""
+    return dict(json.loads((directory / META).read_text())["state"])
+
+
+def prune(parent: Path, *, keep: int, also: Iterable[int | None] = ()) -> list[Path]:
+    """Remove all but the ``keep`` newest complete checkpoints under ``parent`` (and
+    incomplete ones older than those); ``also``: steps kept whatever their age."""
+    found = sorted(parent.glob("step_*"))
+    complete = [d for d in found if is_complete(d)]
+    kept = set(complete[-keep:]) | {parent / dir_name(s) for s in also if s is not None}
+    newest = complete[-1] if complete else None
+    removed = []
+    for d in found:
+        if d in kept or (newest is not None and d > newest):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 def load(engine: Any, directory: Path, *, rank: int, world_size: int) -> dict[str, Any]:

@@ -74,7 +74,6 @@ def run_name(cfg: FinetuneConfig) -> str:
     if cfg.run.name:
         return cfg.run.name
     content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_NAME}
-    content["train"] = {k: v for k, v in content["train"].items() if k != "fail_at_step"}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[
         :8
     ]

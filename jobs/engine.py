@@ -81,6 +81,24 @@ def optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
-def scheduler(opt: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then the schedule, scaling every group's own lr (ratios are kept)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, partial(_lr_factor, train=train))
+def _phase_factor(step: int, *, train: TrainConfig, start_step: int, rewarmup_steps: int) -> float:
+    factor = _lr_factor(start_step + step, train=train)
+    if rewarmup_steps and step < rewarmup_steps:
+        factor *= (step + 1) / (rewarmup_steps + 1)
+    return factor
+
+
+def scheduler(
+    opt: torch.optim.Optimizer,
+    train: TrainConfig,
+    *,
+    start_step: int = 0,
+    rewarmup_steps: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then the schedule, scaling every group's own lr (ratios are kept). A phase
+    that starts at ``start_step`` continues the run's schedule from there, optionally
+    warming up again over ``rewarmup_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        partial(_phase_factor, train=train, start_step=start_step, rewarmup_steps=rewarmup_steps),
+    )

@@ -1,7 +1,7 @@
-"""Evaluation: summed loss and accuracy over this rank's batches, reduced over ranks.
+"""Evaluation: the task's summed statistics over this rank's batches, reduced over ranks.
 
-The same ``loss_sums`` scores an exported model in plain transformers, so the number
-logged at the end of training can be checked against the export.
+The same code scores an exported model in plain transformers, so the number logged at
+the end of training can be checked against the export.
 """
 
 from __future__ import annotations
@@ -11,43 +11,37 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from jobs.data import IGNORE_INDEX
+from jobs import tasks
 
 
 def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[summed loss, count, correct]: per example for classification (labels (B,)),
-    per target token for language modelling (labels (B, T), shifted here)."""
-    logits = logits.float()
-    if labels.dim() == 1:
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(-1) == labels).sum()
-        count = labels.numel()
-    else:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # token t predicts token t+1
-        mask = labels != IGNORE_INDEX
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        correct = ((logits.argmax(-1) == labels) & mask).sum()
-        count = int(mask.sum())
-    return torch.stack([loss.detach(), torch.tensor(float(count)), correct.float()])
+    """[summed loss, count, correct, ...] for a batch: per example for classification
+    (labels (B,)), per target token for language modelling (labels (B, T))."""
+    return _task_of(labels).eval_sums(logits, labels)
+
+
+def _task_of(labels: torch.Tensor) -> Any:
+    return tasks.get("sequence_classification" if labels.dim() == 1 else "causal_lm")
 
 
 @torch.no_grad()
 def evaluate(
-    forward: Callable[..., Any], batches: Iterable[tuple[dict[str, torch.Tensor], bool]]
-) -> dict[str, float]:
-    totals = torch.zeros(3)
+    forward: Callable[..., Any],
+    batches: Iterable[tuple[dict[str, torch.Tensor], bool]],
+    *,
+    task: Any = None,
+    prefix: str = "eval",
+    confusion: bool = False,
+) -> dict[str, Any]:
+    """``{prefix}_loss``, ``{prefix}_accuracy`` and the task's other metrics."""
+    totals: torch.Tensor | None = None
     for batch, counts in batches:
+        task = task or _task_of(batch["labels"])
         out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        if counts:
-            totals += loss_sums(out.logits, batch["labels"])
+        sums = task.eval_sums(out.logits, batch["labels"])
+        totals = (sums if counts else torch.zeros_like(sums)) + (0 if totals is None else totals)
+    assert totals is not None and task is not None, "evaluate: no batches"
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    loss, count, correct = totals.tolist()
-    return {"eval_loss": loss / count, "eval_accuracy": correct / count}
+    return task.metrics(totals, prefix, confusion=confusion)

@@ -14,14 +14,20 @@ from typing import Any
 import peft
 
 from conf.schema import FinetuneConfig
+from jobs import objectives
 from jobs.models import build, weights_dir
 
 
 def full_state_dict(engine: Any) -> dict[str, Any] | None:
-    """The whole model's state dict on rank 0 (None elsewhere), gathered under ZeRO-3."""
+    """The model's whole state dict on rank 0 (None elsewhere), gathered under ZeRO-3;
+    loss terms' modules (an L2-SP reference, ...) are left out."""
     if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict() if engine.global_rank == 0 else None
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if engine.global_rank == 0 else None
+    if state is not None and isinstance(engine.module, objectives.Objective):
+        state = objectives.model_state_dict(state)
+    return state
 
 
 def export(
@@ -33,7 +39,7 @@ def export(
     assert state_dict is not None
     if export_dir.exists():
         shutil.rmtree(export_dir)
-    module = engine.module
+    module: Any = objectives.unwrap(engine.module)
     if isinstance(module, peft.PeftModel):
         _export_adapter(module, state_dict, cfg, export_dir, labels=labels)
     else:

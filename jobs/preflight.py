@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from conf.schema import ConfigError, FinetuneConfig
 from jobs import data as data_lib
+from jobs import strategies, tasks
 from jobs.models import Layout, hf_config, resolve_source
+from jobs.strategies import Phase
 
 
 @dataclass
@@ -19,6 +21,8 @@ class Preflight:
     num_train: int
     num_eval: int
     labels: list[str] | None
+    num_test: int = 0
+    phases: list[Phase] = field(default_factory=list)
 
 
 def preflight(cfg: FinetuneConfig) -> Preflight:
@@ -51,5 +55,53 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
         raise ConfigError(
             "strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0"
         )
-    dataset = data_lib.load(cfg.data)
-    return Preflight(layout.num_blocks, len(dataset.train), len(dataset.eval), dataset.labels)
+    task = tasks.get(cfg.model)
+    phases = strategies.phases(
+        cfg.strategy, max_steps=cfg.train.max_steps, num_blocks=layout.num_blocks
+    )
+    _check_phases(cfg, phases, task)
+    _check_objectives(cfg)
+    dataset = data_lib.load(cfg.data, task)
+    return Preflight(
+        layout.num_blocks,
+        len(dataset.train),
+        len(dataset.eval),
+        dataset.labels,
+        num_test=len(dataset.test),
+        phases=phases,
+    )
+
+
+def _check_phases(cfg: FinetuneConfig, phases: list[Phase], task: tasks.Task) -> None:
+    if len(phases) > 1 and cfg.train.early_stopping.enabled:
+        raise ConfigError(
+            "train.early_stopping.enabled",
+            "early stopping with strategy=progressive is not supported yet (the best "
+            "checkpoint may belong to an earlier phase's engine); allowed: false",
+        )
+    if cfg.strategy.name == "progressive" and cfg.strategy.progressive.base == "lora":
+        if not task.new_head and phases[0].trainable_blocks == 0:
+            raise ConfigError(
+                "strategy.num_trainable_blocks",
+                f"progressive LoRA on {task.name} starts with 0 blocks and no new head: "
+                "nothing would train in the first phase; allowed: >= 1",
+            )
+
+
+def _check_objectives(cfg: FinetuneConfig) -> None:
+    """A term that cannot do anything under this config is an error here, not on a worker."""
+    for i, term in enumerate(cfg.objectives):
+        if term.name == "l2sp":
+            if cfg.strategy.name == "feature_extraction" or (
+                cfg.strategy.name == "lora" and not cfg.strategy.train_embeddings
+            ):
+                raise ConfigError(
+                    f"objectives[{i}].name",
+                    f"l2sp penalises the distance of trained pretrained weights, but "
+                    f"strategy={cfg.strategy.name} trains none (only a new head or adapters); "
+                    "allowed with: full, freeze_depth, progressive (base freeze_depth)",
+                )
+            if term.args:
+                raise ConfigError(
+                    f"objectives[{i}].args", f"l2sp takes no args, got {sorted(term.args)}"
+                )

@@ -23,7 +23,7 @@ from conf.schema import STRATEGIES, ConfigError, FinetuneConfig, ParamSpec, Swee
 # Sections a trial may not change: they decide where and how big the sweep runs.
 FIXED_SECTIONS = ("run", "cluster", "scaling", "sweep")
 # The int parameter whose missing upper bound means "the model's block count".
-BLOCKS_KEY = "strategy.num_trainable_blocks"
+BLOCKS_KEYS = ("strategy.num_trainable_blocks", "strategy.progressive.final_blocks")
 
 
 def _check_key(key: str) -> None:
@@ -90,7 +90,7 @@ def _check_param(name: str, spec: ParamSpec, num_blocks: int, seen: dict[str, Pa
     else:
         if spec.choices is not None:
             raise ConfigError(f"{where}.choices", f"a {spec.type} parameter takes low/high")
-        if spec.high is None and spec.key == BLOCKS_KEY:
+        if spec.high is None and spec.key in BLOCKS_KEYS:
             spec.high = num_blocks
         for bound in ("low", "high"):
             value = getattr(spec, bound)
@@ -107,7 +107,7 @@ def _check_param(name: str, spec: ParamSpec, num_blocks: int, seen: dict[str, Pa
                     raise ConfigError(f"{where}.{bound}", "an int parameter needs whole numbers")
         if spec.step is not None and spec.step <= 0:
             raise ConfigError(f"{where}.step", f"must be > 0, got {spec.step}")
-        if spec.key == BLOCKS_KEY and spec.high > num_blocks:
+        if spec.key in BLOCKS_KEYS and spec.high > num_blocks:
             raise ConfigError(
                 f"{where}.high",
                 f"{spec.high:g} is more than the model's {num_blocks} blocks; allowed: 0..{num_blocks}",
@@ -149,6 +149,13 @@ def check_space(cfg: FinetuneConfig, *, num_blocks: int) -> dict[str, ParamSpec]
                 f"sweep.space.{name}.key", f"{spec.key!r} is already set by {keys[spec.key]!r}"
             )
         _check_param(name, spec, num_blocks, seen)
+        if spec.key == "strategy.progressive.unfreeze_every" and spec.high is not None:
+            if spec.high >= cfg.train.max_steps:
+                raise ConfigError(
+                    f"sweep.space.{name}.high",
+                    f"{spec.high:g} steps between unfreezes is not below train.max_steps="
+                    f"{cfg.train.max_steps}; allowed: up to {cfg.train.max_steps - 1}",
+                )
         seen[name], keys[spec.key] = spec, name
     for i, params in enumerate(sweep.enqueue):
         for name, value in params.items():

@@ -10,17 +10,19 @@ again on every worker, which then keeps only its own shard.
 from __future__ import annotations
 
 import random
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from conf.schema import ConfigError, DataConfig
 from jobs.data import files, stdlib_docs, wordnet
+from jobs.tasks.common import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
+__all__ = ["IGNORE_INDEX", "Dataset", "collate", "encode", "eval_batches", "load", "train_batches"]
+
+Collate = Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -28,11 +30,14 @@ class Dataset:
     train: list[dict[str, str]]
     eval: list[dict[str, str]]
     labels: list[str] | None  # classification only
+    # Held out from training, early stopping and the sweep's choice: only reported.
+    test: list[dict[str, str]] = field(default_factory=list)
 
 
-def _read(cfg: DataConfig) -> list[dict[str, str]]:
+def _read(cfg: DataConfig, fields: tuple[str, ...]) -> list[dict[str, str]]:
     if cfg.source == "file":
-        return files.read(cfg)
+        assert cfg.path is not None
+        return files.read(cfg.path, cfg, fields, key="data.path")
     if cfg.source == "stdlib_docs":
         return stdlib_docs.examples()
     if cfg.source == "wordnet_supersense":
@@ -42,8 +47,6 @@ def _read(cfg: DataConfig) -> list[dict[str, str]]:
 
 def _normalise(records: list[dict[str, str]], cfg: DataConfig) -> list[dict[str, str]]:
     """Builtin sources use text/label/prompt/response; map the configured field names."""
-    if cfg.source != "file":
-        return records
     names = {
         cfg.text_field: "text",
         cfg.label_field: "label",
@@ -53,108 +56,71 @@ def _normalise(records: list[dict[str, str]], cfg: DataConfig) -> list[dict[str,
     return [{names.get(k, k): v for k, v in r.items()} for r in records]
 
 
-def load(cfg: DataConfig) -> Dataset:
-    """Read, check labels, and split deterministically (same split on every worker)."""
-    records = _normalise(_read(cfg), cfg)
-    labels = None
-    if cfg.task == "classification":
-        if cfg.num_classes is not None:
-            keep = {
-                label
-                for label, _ in Counter(r["label"] for r in records).most_common(cfg.num_classes)
-            }
-            records = [r for r in records if r["label"] in keep]
-        if cfg.labels is not None:
-            allowed = set(cfg.labels)
-            for i, r in enumerate(records, start=1):
-                if r["label"] not in allowed:
-                    raise ConfigError(
-                        "data.labels",
-                        f"example {i} has label {r['label']!r}, not in the label set {cfg.labels}",
-                    )
-            labels = list(cfg.labels)
-        else:
-            labels = sorted({r["label"] for r in records})
-        if len(labels) < 2:
-            raise ConfigError(
-                "data.path", f"classification needs at least 2 labels, found {labels}"
-            )
+def load(cfg: DataConfig, task: Any = None) -> Dataset:
+    """Read, check labels, and split deterministically (same split on every worker).
+
+    Test examples come from ``data.test_path`` (read as it is), else a
+    ``data.test_fraction`` share of the shuffled data; evaluation examples from
+    ``data.eval_path``, else a ``data.eval_fraction`` share of what is left."""
+    from jobs import tasks
+
+    task = task or tasks.for_data(cfg)
+    fields = task.fields(cfg)
+    records = _read(cfg, fields)
+    if cfg.source == "file":
+        records = _normalise(records, cfg)
+    given = {
+        split: _normalise(files.read(path, cfg, fields, key=f"data.{split}_path"), cfg)
+        for split, path in (("eval", cfg.eval_path), ("test", cfg.test_path))
+        if path is not None
+    }
+    records, labels = task.labels(records, cfg)
+    if labels is not None:
+        for split, rows in given.items():
+            unknown = sorted({r["label"] for r in rows} - set(labels))
+            if unknown:
+                raise ConfigError(
+                    f"data.{split}_path",
+                    f"labels {unknown} do not occur in the training data; its labels: {labels}",
+                )
     rng = random.Random(cfg.split_seed)
     order = list(range(len(records)))
     rng.shuffle(order)
     if cfg.max_examples is not None:
         order = order[: cfg.max_examples]
-    num_eval = max(1, round(len(order) * cfg.eval_fraction))
+    num_test = (
+        0
+        if "test" in given or not cfg.test_fraction
+        else max(1, round(len(order) * cfg.test_fraction))
+    )
+    test, order = [records[i] for i in order[:num_test]], order[num_test:]
+    num_eval = 0 if "eval" in given else max(1, round(len(order) * cfg.eval_fraction))
     if len(order) - num_eval < 1:
-        raise ConfigError("data.eval_fraction", f"{len(order)} examples leave none for training")
+        key = "data.test_fraction" if num_test else "data.eval_fraction"
+        raise ConfigError(key, f"{len(order) + num_test} examples leave none for training")
     return Dataset(
         train=[records[i] for i in order[num_eval:]],
-        eval=[records[i] for i in order[:num_eval]],
+        eval=given.get("eval", [records[i] for i in order[:num_eval]]),
         labels=labels,
+        test=given.get("test", test),
     )
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
 
 
 def encode(
     records: list[dict[str, str]], tokenizer: Any, cfg: DataConfig, labels: list[str] | None
 ) -> list[dict[str, Any]]:
-    """Token ids and labels, truncated to ``max_length``; padding happens per batch."""
-    n = cfg.max_length
-    if cfg.task == "classification":
-        assert labels is not None
-        index = {label: i for i, label in enumerate(labels)}
-        enc = tokenizer([r["text"] for r in records], truncation=True, max_length=n)["input_ids"]
-        return [
-            {"input_ids": ids, "label": index[r["label"]]}
-            for ids, r in zip(enc, records, strict=True)
-        ]
-    eos = [tokenizer.eos_token_id]
-    if cfg.task == "instruction":
-        out = []
-        for r in records:
-            prompt = _prompt_ids(tokenizer, r["prompt"])
-            response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos
-            ids = (prompt + response)[:n]
-            target = ([IGNORE_INDEX] * len(prompt) + response)[:n]
-            if any(
-                t != IGNORE_INDEX for t in target[1:]
-            ):  # keep only examples with a response left
-                out.append({"input_ids": ids, "labels": target})
-        return out
-    # Plain text: pack every paragraph, separated by EOS, into blocks of max_length.
-    stream: list[int] = []
-    for r in records:
-        stream += tokenizer(r["text"], add_special_tokens=False)["input_ids"] + eos
-    blocks = [stream[i : i + n] for i in range(0, len(stream) - 1, n)]
-    return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
+    """Token ids and labels, truncated to ``max_length``, as the data's task encodes them."""
+    from jobs import tasks
+
+    return tasks.for_data(cfg).encode(records, tokenizer, cfg, labels)
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest example in the batch (right padding)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[i, : len(e["input_ids"])] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if "label" in examples[0]:
-        batch["labels"] = torch.tensor([e["label"] for e in examples])
-    else:
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        for i, e in enumerate(examples):
-            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-        batch["labels"] = labels
-    return batch
+    """Pad to the longest example in the batch (right padding); either text task."""
+    from jobs import tasks
+
+    name = "sequence_classification" if "label" in examples[0] else "causal_lm"
+    return tasks.get(name).collate(examples, pad_id)
 
 
 def train_shard(
@@ -181,6 +147,7 @@ def train_batches(
     micro_batch_size: int,
     pad_id: int,
     start_micro_step: int = 0,
+    collate_fn: Collate = collate,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro batches for this rank, epoch after epoch, starting at a global micro step
     (so a resumed run sees exactly the batches the uninterrupted run would have)."""
@@ -197,7 +164,7 @@ def train_batches(
         epoch, index = divmod(micro_step, per_epoch)
         shard = train_shard(len(encoded), rank=rank, world_size=world_size, epoch=epoch, seed=seed)
         for i in range(index, per_epoch):
-            yield collate(
+            yield collate_fn(
                 [encoded[j] for j in shard[i * micro_batch_size : (i + 1) * micro_batch_size]],
                 pad_id,
             )
@@ -209,7 +176,13 @@ def micro_batches_per_epoch(num_examples: int, *, world_size: int, micro_batch_s
 
 
 def eval_batches(
-    encoded: list[dict[str, Any]], *, rank: int, world_size: int, micro_batch_size: int, pad_id: int
+    encoded: list[dict[str, Any]],
+    *,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    pad_id: int,
+    collate_fn: Collate = collate,
 ) -> list[tuple[dict[str, torch.Tensor], bool]]:
     """This rank's eval batches as (batch, counts). Every rank gets the same number of
     batches (ZeRO-3 forwards are collective); a rank with fewer examples repeats its
@@ -220,7 +193,7 @@ def eval_batches(
     for b in range(num_batches):
         idx = shard[b * micro_batch_size : (b + 1) * micro_batch_size]
         if idx:
-            batches.append((collate([encoded[j] for j in idx], pad_id), True))
+            batches.append((collate_fn([encoded[j] for j in idx], pad_id), True))
         else:
-            batches.append((collate([encoded[(shard or [0])[0]]], pad_id), False))
+            batches.append((collate_fn([encoded[(shard or [0])[0]]], pad_id), False))
     return batches

@@ -9,29 +9,20 @@ from pathlib import Path
 from conf.schema import ConfigError, DataConfig
 
 
-def _required_fields(cfg: DataConfig) -> tuple[str, ...]:
-    if cfg.task == "classification":
-        return (cfg.text_field, cfg.label_field)
-    if cfg.task == "instruction":
-        return (cfg.prompt_field, cfg.response_field)
-    return (cfg.text_field,)
-
-
-def _check_record(record: object, where: str, fields: tuple[str, ...]) -> dict[str, str]:
+def _check_record(record: object, where: str, fields: tuple[str, ...], key: str) -> dict[str, str]:
     if not isinstance(record, dict):
-        raise ConfigError(
-            "data.path", f"{where}: expected a JSON object, got {type(record).__name__}"
-        )
+        raise ConfigError(key, f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [f for f in fields if f not in record or record[f] in (None, "")]
     if missing:
         raise ConfigError(
-            "data.path", f"{where}: missing field(s) {missing}; the record has {sorted(record)}"
+            key, f"{where}: missing field(s) {missing}; the record has {sorted(record)}"
         )
     return {f: str(record[f]) for f in fields}
 
 
-def read_jsonl(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
-    fields = _required_fields(cfg)
+def read_jsonl(
+    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str
+) -> list[dict[str, str]]:
     records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -40,31 +31,30 @@ def read_jsonl(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(
-                    "data.path", f"{path}:{lineno}: not valid JSON ({e.msg})"
-                ) from None
-            records.append(_check_record(record, f"{path}:{lineno}", fields))
+                raise ConfigError(key, f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            records.append(_check_record(record, f"{path}:{lineno}", fields, key))
     return records
 
 
-def read_csv(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
-    fields = _required_fields(cfg)
+def read_csv(
+    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str
+) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not set(fields) <= set(reader.fieldnames):
             raise ConfigError(
-                "data.path",
+                key,
                 f"{path}:1: header must name columns {list(fields)}, got {reader.fieldnames}",
             )
         # Line numbers count the header as line 1.
-        return [_check_record(row, f"{path}:{reader.line_num}", fields) for row in reader]
+        return [_check_record(row, f"{path}:{reader.line_num}", fields, key) for row in reader]
 
 
-def read_text(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
-    if cfg.task != "text":
-        raise ConfigError(
-            "data.path", f"{path}: a .txt file holds plain text; it needs data.task=text"
-        )
+def read_text(
+    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str
+) -> list[dict[str, str]]:
+    if fields != (cfg.text_field,):
+        raise ConfigError(key, f"{path}: a .txt file holds plain text; it needs data.task=text")
     # Paragraphs; encoding later packs them into max_length blocks.
     paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
     return [{cfg.text_field: p} for p in paragraphs if p]
@@ -73,18 +63,20 @@ def read_text(path: Path, cfg: DataConfig) -> list[dict[str, str]]:
 READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv, ".txt": read_text}
 
 
-def read(cfg: DataConfig) -> list[dict[str, str]]:
-    assert cfg.path is not None
-    path = Path(cfg.path).expanduser()
+def read(
+    name: str, cfg: DataConfig, fields: tuple[str, ...], *, key: str = "data.path"
+) -> list[dict[str, str]]:
+    """The records of one file (``key`` is the config key that named it, for errors);
+    ``fields`` are the ones the task needs."""
+    path = Path(name).expanduser()
     if not path.is_file():
-        raise ConfigError("data.path", f"{cfg.path} does not exist or is not a file")
+        raise ConfigError(key, f"{name} does not exist or is not a file")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise ConfigError(
-            "data.path",
-            f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}",
+            key, f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}"
         )
-    records = reader(path, cfg)
+    records = reader(path, cfg, fields, key)
     if not records:
-        raise ConfigError("data.path", f"{path} holds no examples")
+        raise ConfigError(key, f"{path} holds no examples")
     return records

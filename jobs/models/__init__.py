@@ -21,7 +21,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
@@ -189,16 +188,11 @@ def num_blocks(cfg: ModelConfig) -> int:
 
 
 def model_class(cfg: ModelConfig, config: PretrainedConfig, labels: list[str] | None) -> Any:
-    """The Auto class for ``cfg.task``; for classification, ``config`` gets the label map
-    (a new head of len(labels) outputs, carried by the export)."""
-    if cfg.task != "sequence_classification":
-        return AutoModelForCausalLM
-    if not labels:
-        raise ValueError("build: a classification model needs its label list")
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {label: i for i, label in enumerate(labels)}
-    return AutoModelForSequenceClassification
+    """The Auto class for ``cfg.task`` (jobs.tasks); for classification, ``config`` gets
+    the label map (a new head of len(labels) outputs, carried by the export)."""
+    from jobs import tasks
+
+    return tasks.get(cfg).auto_class(config, labels)
 
 
 def build(

@@ -114,8 +114,11 @@ def test_default_sweep_composes_for_the_embedded_demo() -> None:
         "lr_ratio",
         "lora_rank",
         "lora_alpha",
+        "unfreeze_every",
+        "final_depth",
     }
     assert cfg.sweep.space["lora_rank"].choices == [4, 8, 16, 32, 64]
+    assert "progressive" in cfg.sweep.space["strategy"].choices
 
 
 def test_conditional_sampling_follows_the_strategy(data_dir: Path) -> None:
@@ -141,7 +144,16 @@ def test_conditional_sampling_follows_the_strategy(data_dir: Path) -> None:
         if strategy == "lora":
             assert trial_cfg.strategy.lora.r == params["lora_rank"]
             assert trial_cfg.strategy.lora.alpha == params["lora_alpha"]
-    assert seen == {"feature_extraction", "freeze_depth", "lora", "full"}
+        assert (
+            ("unfreeze_every" in params) == ("final_depth" in params) == (strategy == "progressive")
+        )
+        if strategy == "progressive":
+            assert trial_cfg.strategy.progressive.unfreeze_every == params["unfreeze_every"]
+            assert (
+                1 <= trial_cfg.strategy.progressive.final_blocks == params["final_depth"] <= blocks
+            )
+            trial_cfg.check()  # a sampled schedule is a valid config
+    assert seen == {"feature_extraction", "freeze_depth", "lora", "full", "progressive"}
 
 
 def test_apply_rejects_an_unknown_parameter(data_dir: Path) -> None:

@@ -1,0 +1,123 @@
+"""Loss terms added to the task loss: ``loss = task loss + sum_i weight_i * term_i``.
+
+    graft finetune 'objectives=[{name: l2sp, weight: 0.01}]'
+    python -c "from jobs import objectives; print(sorted(objectives.TERMS))"
+
+A term is one file here and one line in ``TERMS``. It may
+
+- ``attach`` modules or hooks to the model before DeepSpeed starts, so that ZeRO
+  partitions what it adds along with the model (a reference copy, a domain classifier,
+  a second task's head); modules it returns are trained and checkpointed with the model
+  and left out of the export;
+- ``prepare`` a batch (add a second data stream's batch, a teacher's logits);
+- give its ``value`` for a batch, after the model's forward, logged by name.
+
+``Objective`` is the module DeepSpeed wraps: the model plus the terms' modules. Its
+forward returns the model's outputs with ``loss`` replaced by the total and ``terms``
+holding each term's value; with no terms it is the model's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from conf.schema import ConfigError, TermConfig
+from jobs.objectives import l2sp
+
+
+@dataclass
+class Context:
+    """What a term may need when it attaches."""
+
+    layout: Any  # where blocks, embeddings and heads are (jobs.models.Layout)
+    task: Any  # jobs.tasks.Task
+    zero_stage: int
+    # The bare model's weights as built at step 0 (pretrained, or the seeded scratch
+    # init), by name; called only by terms that need them.
+    pretrained: Callable[[], dict[str, torch.Tensor]]
+
+
+class Term(Protocol):
+    name: str
+    weight: float
+
+    def attach(self, model: nn.Module, context: Context) -> nn.Module | None:
+        """Before DeepSpeed: add hooks or return a module to train with the model."""
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def value(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+TERMS: dict[str, Callable[[TermConfig], Term]] = {
+    "l2sp": l2sp.L2SP,
+}
+
+# Where Objective keeps the wrapped model and the terms' modules (export strips these).
+MODEL = "model"
+TERM_MODULES = "terms"
+
+
+def build(configs: list[TermConfig]) -> list[Term]:
+    terms = []
+    for i, cfg in enumerate(configs):
+        if cfg.name not in TERMS:
+            raise ConfigError(
+                f"objectives[{i}].name", f"{cfg.name!r} is not one of {sorted(TERMS)}"
+            )
+        terms.append(TERMS[cfg.name](cfg))
+    return terms
+
+
+class Objective(nn.Module):
+    """The model and its loss terms as one module, the one DeepSpeed wraps."""
+
+    def __init__(self, model: nn.Module, task: Any, terms: list[Term], context: Context) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.loss_terms = terms
+        modules = {}
+        for term in terms:
+            module = term.attach(model, context)
+            if module is not None:
+                modules[term.name] = module
+        self.terms = nn.ModuleDict(modules)
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def forward(self, **batch: torch.Tensor) -> Any:
+        if not self.loss_terms:
+            return self.model(**batch)
+        for term in self.loss_terms:
+            batch = term.prepare(batch)
+        outputs = self.model(**batch)
+        if not self.training:
+            return outputs
+        total = self.task.loss(outputs, batch)
+        values = {}
+        for term in self.loss_terms:
+            value = term.value(outputs, batch)
+            values[term.name] = value.detach()
+            total = total + term.weight * value
+        outputs.loss = total
+        outputs.terms = values
+        return outputs
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The model inside an ``Objective`` (the module itself otherwise)."""
+    return module.model if isinstance(module, Objective) else module
+
+
+def model_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An ``Objective``'s state dict as the bare model's: prefix off, terms dropped."""
+    prefix = MODEL + "."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

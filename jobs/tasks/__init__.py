@@ -1,0 +1,90 @@
+"""Tasks: what differs between classification, causal LM (and next: seq2seq, image
+classification, zero-shot scoring), behind one small protocol. Picked by ``model.task``.
+
+    python -c "from jobs import tasks; print(sorted(tasks.TASKS))"
+
+A task knows which Auto class to build (and what it must set on the HF config), which
+record fields a data file needs, how records become token ids and batches, the training
+loss, the summed evaluation statistics, and an example batch for ``graft plan`` and
+``jobs.memprobe``. Nothing outside this folder branches on the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from conf.schema import DataConfig, ModelConfig
+from jobs.tasks import causal_lm, sequence_classification
+
+
+class Task(Protocol):
+    name: str
+    # peft's task type for LoRA, and whether the model has a new head trained in full.
+    peft_task_type: str
+    new_head: bool
+
+    def auto_class(self, config: Any, labels: list[str] | None) -> Any:
+        """The transformers Auto class; sets what the HF config needs (label map)."""
+
+    def fields(self, data: DataConfig) -> tuple[str, ...]:
+        """The record fields a data file must have (configured names)."""
+
+    def labels(
+        self, records: list[dict[str, str]], data: DataConfig
+    ) -> tuple[list[dict[str, str]], list[str] | None]:
+        """Records kept and the label list (None for tasks without labels)."""
+
+    def encode(
+        self, records: list[dict[str, str]], tokenizer: Any, data: DataConfig, labels: Any
+    ) -> list[dict[str, Any]]: ...
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One flat float64 tensor of sums that all-reduce: [loss, count, correct, ...]."""
+
+    def metrics(
+        self, sums: torch.Tensor, prefix: str, *, confusion: bool = False
+    ) -> dict[str, Any]:
+        """``{prefix}_loss``, ``{prefix}_accuracy``, ... from the reduced sums."""
+
+    def example_batch(
+        self,
+        *,
+        batch_size: int,
+        seq_len: int,
+        vocab: int,
+        num_labels: int,
+        device: Any = None,
+        generator: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        """A batch of this shape: random ids (or zeros on the meta device, for tracing)."""
+
+
+TASKS: dict[str, Task] = {
+    "sequence_classification": sequence_classification.TASK,
+    "causal_lm": causal_lm.TASK,
+}
+
+# data.task (the record format) -> the model task that trains on it.
+_FOR_DATA = {
+    "classification": "sequence_classification",
+    "instruction": "causal_lm",
+    "text": "causal_lm",
+}
+
+
+def get(model: ModelConfig | str) -> Task:
+    name = model if isinstance(model, str) else model.task
+    if name not in TASKS:
+        raise ValueError(f"model.task: {name!r} is not one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def for_data(data: DataConfig) -> Task:
+    """The task a data format trains (a dataset read without a model config)."""
+    return TASKS[_FOR_DATA[data.task]]

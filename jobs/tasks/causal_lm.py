@@ -1,0 +1,127 @@
+"""causal_lm: next-token prediction, on prompt/response pairs or packed plain text.
+
+    graft finetune model=tiny_llama data=jsonl data.task=instruction data.path=sft.jsonl
+
+data.task=instruction: the prompt (through the tokenizer's chat template when it has
+one) is masked out of the loss, so only response tokens train. data.task=text: every
+paragraph, separated by EOS, packed into blocks of data.max_length. Evaluation sums the
+loss and the token accuracy over target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from conf.schema import DataConfig
+from jobs.tasks.common import IGNORE_INDEX, pad_ids
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+
+
+class CausalLM:
+    name = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+    new_head = False
+
+    def auto_class(self, config: Any, labels: list[str] | None) -> Any:
+        return AutoModelForCausalLM
+
+    def fields(self, data: DataConfig) -> tuple[str, ...]:
+        if data.task == "instruction":
+            return (data.prompt_field, data.response_field)
+        return (data.text_field,)
+
+    def labels(
+        self, records: list[dict[str, str]], data: DataConfig
+    ) -> tuple[list[dict[str, str]], list[str] | None]:
+        return records, None
+
+    def encode(
+        self, records: list[dict[str, str]], tokenizer: Any, data: DataConfig, labels: Any
+    ) -> list[dict[str, Any]]:
+        n = data.max_length
+        eos = [tokenizer.eos_token_id]
+        if data.task == "instruction":
+            out = []
+            for r in records:
+                prompt = _prompt_ids(tokenizer, r["prompt"])
+                response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos
+                ids = (prompt + response)[:n]
+                target = ([IGNORE_INDEX] * len(prompt) + response)[:n]
+                # Keep only examples with a response token left after truncation.
+                if any(t != IGNORE_INDEX for t in target[1:]):
+                    out.append({"input_ids": ids, "labels": target})
+            return out
+        stream: list[int] = []
+        for r in records:
+            stream += tokenizer(r["text"], add_special_tokens=False)["input_ids"] + eos
+        blocks = [stream[i : i + n] for i in range(0, len(stream) - 1, n)]
+        return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
+
+    def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        batch = pad_ids(examples, pad_id)
+        labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+        return batch
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, labels = logits.float()[:, :-1], labels[:, 1:]  # token t predicts t+1
+        mask = labels != IGNORE_INDEX
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        correct = ((logits.argmax(-1) == labels) & mask).sum()
+        return torch.stack(
+            [loss.detach(), torch.tensor(float(mask.sum())), correct.float()]
+        ).double()
+
+    def metrics(
+        self, sums: torch.Tensor, prefix: str, *, confusion: bool = False
+    ) -> dict[str, Any]:
+        loss, count, correct = sums[:3].tolist()
+        mean = loss / count
+        return {
+            f"{prefix}_loss": mean,
+            f"{prefix}_accuracy": correct / count,
+            f"{prefix}_perplexity": math.exp(min(mean, 50.0)),
+        }
+
+    def example_batch(
+        self,
+        *,
+        batch_size: int,
+        seq_len: int,
+        vocab: int,
+        num_labels: int,
+        device: Any = None,
+        generator: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        if device is not None and torch.device(device).type == "meta":
+            ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+            return {"input_ids": ids, "labels": ids}
+        ids = torch.randint(4, vocab, (batch_size, seq_len), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+TASK = CausalLM()

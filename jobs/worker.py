@@ -1,0 +1,620 @@
+"""The per-worker loop of `graft finetune`: one Ray Train worker, one DeepSpeed rank.
+
+    (run by jobs.finetune.make_trainer; see jobs/finetune.py for the command line)
+
+Reads top to bottom as
+
+    setup(cfg)                         data, task, model, loss terms, resume point
+    for phase in strategy phases:      one for most strategies, several for progressive
+        start_phase(...)               the phase's trainable set, param groups, engine
+                                       (built from the previous phase's weights)
+        train_phase(...)               micro steps, logs, evals, checkpoints, early stop
+    finish(...)                        best weights back, final + test eval, export
+
+Checkpoints go straight to ``<run>/checkpoints/step_N`` (DeepSpeed shards per rank,
+then a commit marker per rank), on storage every worker sees; a rerun resumes from the
+newest complete one, in the phase that wrote it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conf.schema import FinetuneConfig, StrategyConfig
+from jobs import checkpoint as ckpt
+from jobs import data as data_lib
+from jobs import engine as engine_lib
+from jobs import objectives, runlog, strategies, tasks
+from jobs.evaluate import evaluate
+from jobs.export import export
+from jobs.memory import live_tensor_bytes
+from jobs.models import Layout, build, hidden_size
+from jobs.strategies import Phase
+from jobs.strategies.discriminative import param_groups
+
+CHECKPOINTS = "checkpoints"
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the runs in ``loop_config["runs"]`` one after another (each a
+    plain, validated FinetuneConfig and its run directory)."""
+    import ray.train
+
+    _quiet()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    debug = loop_config.get("debug", {})
+    for job in loop_config["runs"]:
+        train_one(
+            job["cfg"],
+            Path(job["run_dir"]),
+            rank=rank,
+            world=world,
+            started=job.get("started", loop_config["started"]),
+            fail_at_step=debug.get("fail_at_step"),
+        )
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@dataclasses.dataclass
+class State:
+    """What a checkpoint restores besides DeepSpeed's own state."""
+
+    step: int = 0
+    micro_step: int = 0
+    # The phase (index) whose engine wrote the checkpoint: a resume rebuilds that one.
+    phase: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    # Wall time spent training, summed over sessions (a resumed run keeps counting).
+    train_time_s: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one run's phases share (built once by ``setup``)."""
+
+    cfg: FinetuneConfig
+    run_dir: Path
+    rank: int
+    world: int
+    started: float
+    task: Any
+    dataset: data_lib.Dataset
+    tokenizer: Any
+    model: torch.nn.Module  # as built: the first phase starts from it
+    layout: Layout
+    width: int
+    train_set: list[dict[str, Any]]
+    eval_batches: list[Any]
+    test_batches: list[Any]
+    per_epoch: int
+    max_micro_steps: int | None
+    phases: list[Phase]
+    log: runlog.RunLog
+    digest: str
+    resume_from: Path | None
+    fail_at_step: int | None = None
+    # The phase's engine; start_phase replaces it (only this reference holds it, so
+    # tearing it down frees its memory).
+    current: PhaseEngine | None = None
+
+
+@dataclasses.dataclass
+class PhaseEngine:
+    engine: Any
+    group_names: list[str]
+    trainable: int
+    total: int
+
+
+def train_one(
+    cfg: FinetuneConfig,
+    run_dir: Path,
+    *,
+    rank: int,
+    world: int,
+    started: float,
+    fail_at_step: int | None = None,
+) -> None:
+    run = setup(cfg, run_dir, rank=rank, world=world, started=started, fail_at_step=fail_at_step)
+    state = State()
+    if run.resume_from is not None:
+        state = State(**ckpt.read_state(run.resume_from))
+    for phase in run.phases[state.phase :]:
+        start_phase(run, phase, state)
+        assert run.current is not None
+        train_phase(run, phase, run.current, state)
+        if state.stopped_early or _epochs_done(run, state):
+            break
+    assert run.current is not None
+    finish(run, run.current, state)
+
+
+# --------------------------------------------------------------------------- setup
+def setup(
+    cfg: FinetuneConfig,
+    run_dir: Path,
+    *,
+    rank: int,
+    world: int,
+    started: float,
+    fail_at_step: int | None = None,
+) -> Run:
+    train = cfg.train
+    torch.manual_seed(train.seed)
+    task = tasks.get(cfg.model)
+    dataset = data_lib.load(cfg.data, task)
+    model, tokenizer = build(cfg.model, labels=dataset.labels, seed=train.seed)
+    layout = Layout.of(model.config)
+    pad_id = tokenizer.pad_token_id
+
+    def batches(records: list[dict[str, str]]) -> list[Any]:
+        encoded = task.encode(records, tokenizer, cfg.data, dataset.labels)
+        return data_lib.eval_batches(
+            encoded,
+            rank=rank,
+            world_size=world,
+            micro_batch_size=train.micro_batch_size,
+            pad_id=pad_id,
+            collate_fn=task.collate,
+        )
+
+    train_set = task.encode(dataset.train, tokenizer, cfg.data, dataset.labels)
+    per_epoch = data_lib.micro_batches_per_epoch(
+        len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
+    )
+    digest = config_digest(cfg)
+    if not _ranks_agree(digest):
+        raise RuntimeError(f"rank {rank}: the workers were given different configs")
+    log = runlog.RunLog(run_dir, enabled=rank == 0)
+    resume_from = ckpt.latest_complete(run_dir / CHECKPOINTS)
+    if resume_from is None:
+        log.reset()
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        started=started,
+        task=task,
+        dataset=dataset,
+        tokenizer=tokenizer,
+        model=model,
+        layout=layout,
+        width=hidden_size(model.config),
+        train_set=train_set,
+        eval_batches=batches(dataset.eval),
+        test_batches=batches(dataset.test) if dataset.test else [],
+        per_epoch=per_epoch,
+        max_micro_steps=per_epoch * train.max_epochs if train.max_epochs else None,
+        phases=strategies.phases(
+            cfg.strategy, max_steps=train.max_steps, num_blocks=layout.num_blocks
+        ),
+        log=log,
+        digest=digest,
+        resume_from=resume_from,
+        fail_at_step=fail_at_step,
+    )
+
+
+def config_digest(cfg: FinetuneConfig) -> str:
+    """A short hash of the config a worker trains with (sweep trials check all ranks agree)."""
+    text = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _ranks_agree(digest: str) -> bool:
+    if not torch.distributed.is_initialized():
+        return True
+    mine = torch.tensor([int(digest, 16) & (2**62 - 1)], dtype=torch.int64)
+    low, high = mine.clone(), mine.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    return bool(low.item() == high.item())
+
+
+# --------------------------------------------------------------------------- phases
+def start_engine(
+    model: torch.nn.Module,
+    strategy: StrategyConfig,
+    cfg: FinetuneConfig,
+    layout: Layout,
+    *,
+    world: int,
+    width: int,
+    phase: Phase | None = None,
+    task: Any = None,
+    pretrained: Any = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> PhaseEngine:
+    """Apply a phase's strategy, group the trainable parameters (discriminative lrs),
+    attach the loss terms and start its DeepSpeed engine. The worker's path;
+    ``jobs.memprobe`` measures this too."""
+    import deepspeed
+
+    train = cfg.train
+    phase = phase or Phase(0, strategy.name, 0, train.max_steps, strategy)
+    model = strategies.apply_phase(model, phase, layout)
+    if weights is not None:  # the previous phase's, into the same wrapping (peft or not)
+        model.load_state_dict(weights)
+    groups = param_groups(
+        model,
+        layout,
+        lr=train.lr,
+        lr_ratio=strategy.lr_ratio,
+        head_lr_mult=strategy.head_lr_mult,
+        weight_decay=train.weight_decay,
+    )
+    module: torch.nn.Module = model
+    terms = objectives.build(cfg.objectives)
+    if terms:
+        context = objectives.Context(
+            layout=layout,
+            task=task or tasks.get(cfg.model),
+            zero_stage=cfg.deepspeed.stage,
+            pretrained=pretrained or (lambda: model.state_dict()),
+        )
+        module = objectives.Objective(model, context.task, terms, context)
+        extra = [p for p in module.terms.parameters() if p.requires_grad]
+        if extra:
+            groups.append(
+                {"name": "terms", "params": extra, "lr": train.lr, "weight_decay": 0.0, "depth": 0}
+            )
+    # Counted before DeepSpeed: under ZeRO-3 each rank's tensors are [0] afterwards.
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    total = sum(p.numel() for p in model.parameters())
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        optimizer=engine_lib.optimizer(groups, train),
+        lr_scheduler=partial(
+            engine_lib.scheduler,
+            train=train,
+            start_step=phase.start_step,
+            rewarmup_steps=phase.rewarmup_steps,
+        ),
+        config=engine_lib.deepspeed_config(
+            cfg.deepspeed, train, world_size=world, hidden_size=width
+        ),
+        dist_init_required=False,
+    )
+    return PhaseEngine(engine, [g["name"] for g in groups], trainable, total)
+
+
+def start_phase(run: Run, phase: Phase, state: State) -> None:
+    """This phase's engine (``run.current``): from the model as built (first phase),
+    else from the previous phase's weights, the previous engine torn down first."""
+    cfg = run.cfg
+    model, weights, freed = run.model, None, None
+    if run.current is not None:
+        previous, run.current = run.current, None
+        weights = full_weights(previous.engine)
+        before = live_tensor_bytes()
+        previous.engine.destroy()
+        del previous
+        gc.collect()
+        freed = before - live_tensor_bytes()  # what the torn-down engine held
+        model = _fresh_model(run)
+    current = start_engine(
+        model,
+        phase.strategy,
+        cfg,
+        run.layout,
+        world=run.world,
+        width=run.width,
+        phase=phase,
+        task=run.task,
+        pretrained=partial(_pretrained_weights, run),
+        weights=weights,
+    )
+    del weights
+    run.model = None  # type: ignore[assignment]  # the engine owns it now
+    run.current = current
+    lrs = dict(zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True))
+    if run.resume_from is not None and phase.index == state.phase:
+        saved = ckpt.load(current.engine, run.resume_from, rank=run.rank, world_size=run.world)
+        for key, value in saved.items():
+            setattr(state, key, value)
+        run.log.truncate_after(state.step)
+        run.log.log(
+            {
+                "event": "resume",
+                "step": state.step,
+                "phase": phase.index,
+                "checkpoint": str(run.resume_from),
+            }
+        )
+        run.resume_from = None
+        return
+    state.phase = phase.index
+    record = {
+        "step": state.step,
+        "phase": phase.index,
+        "phase_name": phase.name,
+        "trainable_params": current.trainable,
+        "total_params": current.total,
+        "trainable_blocks": phase.trainable_blocks,
+        "end_step": phase.end_step,
+        "lr": lrs,
+    }
+    if phase.index == 0 and state.step == 0:
+        run.log.log(
+            {
+                "event": "start",
+                **record,
+                "world_size": run.world,
+                "global_batch": engine_lib.global_batch_size(cfg.train, run.world),
+                "config_digest": run.digest,
+                "num_phases": len(run.phases),
+            }
+        )
+        if cfg.train.eval_at_start:
+            current.engine.eval()
+            run.log.log({"event": "baseline", "step": 0, **_evaluate(run, current)})
+    else:
+        # Optimizer moments start afresh in each phase: DeepSpeed keeps them in flat
+        # per-group partitions whose layout follows the trainable set, which changed.
+        run.log.log({"event": "phase", **record, "freed_bytes": freed, "optimizer": "reset"})
+
+
+def full_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """The bare model's whole state dict on every rank (gathered under ZeRO-3)."""
+    module = objectives.unwrap(engine.module)
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _fresh_model(run: Run) -> torch.nn.Module:
+    """The architecture again, without reading weights (the caller loads them); the RNG
+    is left as it was, so a phase switch does not change what the run samples next."""
+    with torch.random.fork_rng():
+        model, _ = build(
+            dataclasses.replace(run.cfg.model, pretrained=False),
+            labels=run.dataset.labels,
+            seed=run.cfg.train.seed,
+        )
+    return model
+
+
+def _pretrained_weights(run: Run) -> dict[str, torch.Tensor]:
+    """The model's weights as built at step 0 (L2-SP's reference), built again."""
+    with torch.random.fork_rng():
+        model, _ = build(run.cfg.model, labels=run.dataset.labels, seed=run.cfg.train.seed)
+    return model.state_dict()
+
+
+# --------------------------------------------------------------------------- training
+def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> None:
+    train, engine = run.cfg.train, current.engine
+    early = train.early_stopping
+    batches = data_lib.train_batches(
+        run.train_set,
+        rank=run.rank,
+        world_size=run.world,
+        seed=train.seed,
+        micro_batch_size=train.micro_batch_size,
+        pad_id=run.tokenizer.pad_token_id,
+        start_micro_step=state.micro_step,
+        collate_fn=run.task.collate,
+    )
+    engine.train()
+    window = _Window()
+    clock = time.time()
+    while state.step < phase.end_step and not state.stopped_early:
+        if _epochs_done(run, state):
+            break
+        batch = next(batches)
+        outputs = engine(**batch)
+        loss = outputs.loss
+        engine.backward(loss)
+        engine.step()
+        state.micro_step += 1
+        window.add(loss, batch, getattr(outputs, "terms", None))
+        if state.micro_step % train.grad_accum_steps:
+            continue
+        state.step += 1
+        last = state.step == train.max_steps or _epochs_done(run, state)
+        end_of_phase = last or state.step == phase.end_step
+        record: dict[str, Any] = {}
+        if state.step % train.log_every == 0 or end_of_phase or state.step == 1:
+            record.update(window.flush(run, current, state))
+            if state.step == 1:
+                record["time_to_first_step_s"] = time.time() - run.started
+
+        save = state.step % train.checkpoint_every == 0 or end_of_phase
+        if state.step % train.eval_every == 0 or end_of_phase:
+            engine.eval()
+            record.update(_evaluate(run, current))
+            engine.train()
+            value = record[early.metric]
+            if _improved(value, state.best, mode=early.mode, min_delta=early.min_delta):
+                state.best, state.best_step, state.evals_without_improvement = value, state.step, 0
+                save = save or early.enabled  # the best weights must be on disk to export them
+            else:
+                state.evals_without_improvement += 1
+                state.stopped_early = (
+                    early.enabled and state.evals_without_improvement >= early.patience
+                )
+
+        if record:
+            run.log.log({"step": state.step, **record})
+        # Ray's controller drains reports on its health-check tick (2 s by default), so
+        # report only evals and checkpoints, not every logged step.
+        if save or state.stopped_early or "eval_loss" in record:
+            state.train_time_s += time.time() - clock
+            clock = time.time()
+            record["evals"] = math.ceil(state.step / train.eval_every)
+            _report(run, engine, record, state, save=save or state.stopped_early)
+        if run.fail_at_step is not None and state.step == run.fail_at_step:
+            raise RuntimeError(f"GRAFT_FAIL_AT_STEP={run.fail_at_step}: injected failure")
+
+
+def _epochs_done(run: Run, state: State) -> bool:
+    """train.max_epochs ran out (before train.max_steps): no later phase runs."""
+    return run.max_micro_steps is not None and state.micro_step >= run.max_micro_steps
+
+
+class _Window:
+    """Train metrics summed between two logged steps."""
+
+    def __init__(self) -> None:
+        self.loss, self.micro, self.tokens, self.start = 0.0, 0, 0, time.time()
+        self.terms: dict[str, float] = {}
+
+    def add(
+        self, loss: torch.Tensor, batch: dict[str, torch.Tensor], terms: dict[str, Any] | None
+    ) -> None:
+        self.loss += loss.item()
+        self.micro += 1
+        self.tokens += int(batch["attention_mask"].sum())
+        for name, value in (terms or {}).items():
+            self.terms[name] = self.terms.get(name, 0.0) + float(value)
+
+    def flush(self, run: Run, current: PhaseEngine, state: State) -> dict[str, Any]:
+        train = run.cfg.train
+        elapsed = time.time() - self.start
+        record = {
+            "loss": _all_mean(self.loss / self.micro),
+            "lr": dict(
+                zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True)
+            ),
+            "tokens_per_s": _all_mean(self.tokens / elapsed) * run.world,
+            "steps_per_s": self.micro / train.grad_accum_steps / elapsed,
+            "epoch": state.micro_step / run.per_epoch,
+        }
+        if len(run.phases) > 1:
+            record["phase"] = state.phase
+        for name, total in self.terms.items():
+            record[name] = _all_mean(total / self.micro)
+        self.__init__()  # type: ignore[misc]
+        return record
+
+
+def _evaluate(run: Run, current: PhaseEngine) -> dict[str, Any]:
+    return evaluate(current.engine, run.eval_batches, task=run.task)
+
+
+def _all_mean(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return float(t.item())
+
+
+def _improved(value: float, best: float | None, *, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _report(run: Run, engine: Any, metrics: dict[str, Any], state: State, *, save: bool) -> None:
+    """ray.train.report on every rank (it is a barrier), after a checkpoint when ``save``."""
+    import ray.train
+
+    if save:
+        save_checkpoint(run, engine, state)
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    flat["step"] = state.step
+    ray.train.report(flat)
+
+
+def save_checkpoint(run: Run, engine: Any, state: State) -> None:
+    """Every rank writes its shards into <run>/checkpoints/step_N, then its commit marker;
+    rank 0 then drops old complete checkpoints beyond train.keep_checkpoints (the best
+    one is kept while early stopping needs it)."""
+    parent = run.run_dir / CHECKPOINTS
+    directory = parent / ckpt.dir_name(state.step)
+    if run.rank == 0 and directory.exists():
+        shutil.rmtree(directory)  # a half-written one from a crashed attempt
+    _barrier()
+    ckpt.save(
+        engine, directory, rank=run.rank, world_size=run.world, state=dataclasses.asdict(state)
+    )
+    _barrier()
+    if run.rank == 0:
+        keep = {state.best_step} if run.cfg.train.early_stopping.enabled else set()
+        ckpt.prune(parent, keep=run.cfg.train.keep_checkpoints, also=keep)
+
+
+# --------------------------------------------------------------------------- finish
+def finish(run: Run, current: PhaseEngine, state: State) -> None:
+    """The best weights back (early stopping), the final and test evaluation, the
+    export, and the run's result reported to Ray."""
+    import ray.train
+
+    cfg, engine = run.cfg, current.engine
+    early = cfg.train.early_stopping
+    if early.enabled and state.best_step is not None and state.best_step != state.step:
+        # (preflight keeps early stopping to one-phase strategies: the best checkpoint
+        # was written by this engine)
+        best_dir = run.run_dir / CHECKPOINTS / ckpt.dir_name(state.best_step)
+        ckpt.load(engine, best_dir, rank=run.rank, world_size=run.world)
+    engine.eval()
+    final: dict[str, Any] = {
+        **evaluate(engine, run.eval_batches, task=run.task, confusion=True),
+        "trainable_params": current.trainable,
+        "train_time_s": state.train_time_s,
+    }
+    if run.test_batches:
+        final.update(
+            evaluate(engine, run.test_batches, task=run.task, prefix="test", confusion=True)
+        )
+    run.log.log(
+        {
+            "event": "end",
+            "step": state.step,
+            "stopped_early": state.stopped_early,
+            "best_step": state.best_step,
+            "phase": state.phase,
+            **final,
+        }
+    )
+    if cfg.run.export:
+        export(engine, run.tokenizer, cfg, run.run_dir / "export", labels=run.dataset.labels)
+    run.log.close()
+    engine.destroy()
+    # The run's result, also when a rerun found it already finished: a sweep trial's
+    # objective values come from this report ("final" tells a finished trial from a pruned one).
+    flat = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+    ray.train.report(
+        {
+            **flat,
+            "step": state.step,
+            "evals": math.ceil(state.step / cfg.train.eval_every),
+            "final": 1,
+        }
+    )
