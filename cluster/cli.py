@@ -13,6 +13,8 @@ graft status [JOB] | logs JOB [--follow] | stop JOB | list     jobs on a cluster
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,17 +44,42 @@ Overrides = Annotated[
 ]
 
 
+# The jobs `graft finetune|sweep|submit|k8s render` run: kind -> module with run(cfg).
+JOBS = {"finetune": "jobs.finetune", "sweep": "jobs.sweep"}
+
+
+@contextmanager
+def exits(*errors: type[BaseException], label: str = "error", code: int = 2) -> Iterator[None]:
+    """One user-facing error line on stderr and exit ``code`` (2: bad input) for the
+    ``errors`` a command expects; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except errors as e:
+        err.print(f"[red]{label}:[/red] {e}")
+        raise typer.Exit(code) from None
+
+
+def _kind(kind: str, verb: str) -> str:
+    if kind not in JOBS:
+        err.print(f"[red]error:[/red] {kind!r}: {verb} takes {' or '.join(JOBS)}")
+        raise typer.Exit(2)
+    return kind
+
+
+def _job(kind: str) -> Any:
+    import importlib
+
+    return importlib.import_module(JOBS[kind])
+
+
 def _compose(overrides: list[str] | None, config_name: str):  # type: ignore[no-untyped-def]
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     from jobs.config import compose
 
-    try:
+    with exits(HydraException, OmegaConfBaseException, ValueError, label="config error"):
         return compose(overrides or [], config_name=config_name)
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        err.print(f"[red]config error:[/red] {e}")
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -89,15 +116,8 @@ def _run(kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bo
     if show_config:
         typer.echo(to_yaml(config))
         return
-    if kind == "sweep":
-        from jobs import sweep as job
-    else:
-        from jobs import finetune as job  # type: ignore[no-redef]
-    try:
-        job.run(config, show_progress=not quiet)
-    except (ConfigError, ConnectionError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    with exits(ConfigError, ConnectionError):
+        _job(kind).run(config, show_progress=not quiet)
 
 
 @app.command()
@@ -130,15 +150,12 @@ def plan(
     if num_gpus is not None and num_gpus < 1:
         err.print(f"[red]error:[/red] --num-gpus: must be >= 1, got {num_gpus}")
         raise typer.Exit(2)
-    try:
+    with exits(ConfigError, ValueError):
         device = planner.parse_size(gpu_memory)
         result = planner.estimate(config, num_gpus=num_gpus, device_bytes=device)
         options = (
             planner.recommend(config, num_gpus=num_gpus, device_bytes=device) if recommend else None
         )
-    except (ConfigError, ValueError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(planner.to_dict(result, options), indent=2))
     else:
@@ -150,13 +167,7 @@ def plan(
 
 def _name(config: Any, kind: str) -> str:
     """The run's deterministic name (a sweep's: its sweep name)."""
-    if kind == "sweep":
-        from jobs.sweep import sweep_name
-
-        return sweep_name(config)
-    from jobs.config import run_name
-
-    return str(run_name(config))
+    return str(_job(kind).run_name(config))
 
 
 @app.command()
@@ -171,11 +182,8 @@ def report(
     from conf.schema import ConfigError
     from jobs.report import write_report
 
-    try:
+    with exits(ConfigError, FileNotFoundError, KeyError):
         out = write_report(run, storage=storage)
-    except (ConfigError, FileNotFoundError, KeyError) as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     typer.echo(f"{out / 'report.md'}\n{out / 'report.html'}\n{out / 'best.yaml'}")
 
 
@@ -195,11 +203,8 @@ def cluster_up(
     if num_cpus < 1 or workers < 0:
         err.print("[red]error:[/red] --num-cpus must be >= 1 and --workers >= 0")
         raise typer.Exit(2)
-    try:
+    with exits(RuntimeError):
         state = local.up(num_cpus, workers)
-    except RuntimeError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     typer.echo(f"graft: Ray cluster up: {workers + 1} nodes x {num_cpus} CPUs")
     typer.echo(f"graft: GCS {state['address']} (cluster.address={state['address']})")
     typer.echo(
@@ -267,11 +272,8 @@ def _address(address: str | None) -> str:
 def _client(address: str | None, token_file: str | None):  # type: ignore[no-untyped-def]
     from cluster.jobs import SubmitError, client
 
-    try:
+    with exits(SubmitError):
         return client(_address(address), token_file)
-    except SubmitError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -287,18 +289,12 @@ def submit(
     """Submit `graft finetune|sweep [overrides]` to a Ray cluster (the config is checked here first)."""
     from cluster import jobs
 
-    if kind not in ("finetune", "sweep"):
-        err.print(f"[red]error:[/red] {kind!r}: submit takes finetune or sweep")
-        raise typer.Exit(2)
-    config = _compose(overrides, kind)
+    config = _compose(overrides, _kind(kind, "submit"))
     name = _name(config, kind)
-    try:
+    with exits(jobs.SubmitError):
         done = jobs.submit(
             kind, list(overrides or []), name, address=_address(address), token_file=token_file
         )
-    except jobs.SubmitError as e:
-        err.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     typer.echo(
         f"graft: uploaded the project ({done.upload_bytes / 1024:.0f} KiB, {done.upload_files} files)"
     )
@@ -439,10 +435,7 @@ def k8s_render(
 
     from cluster import k8s
 
-    if kind not in ("finetune", "sweep"):
-        err.print(f"[red]error:[/red] {kind!r}: render takes finetune or sweep")
-        raise typer.Exit(2)
-    config = _compose(overrides, kind)
+    config = _compose(overrides, _kind(kind, "render"))
     name = _name(config, kind)
     job = k8s.render(kind, config, list(overrides or []), name, image=image, namespace=namespace)
     problems = k8s.operator_errors(job) + (k8s.validate([job]) if k8s.crd_dir() else [])

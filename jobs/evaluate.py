@@ -18,11 +18,7 @@ from jobs import tasks
 def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[summed loss, count, correct, ...] for a batch: per example for classification
     (labels (B,)), per target token for language modelling (labels (B, T))."""
-    return _task_of(labels).eval_sums(logits, labels)
-
-
-def _task_of(labels: torch.Tensor) -> Any:
-    return tasks.get("sequence_classification" if labels.dim() == 1 else "causal_lm")
+    return tasks.for_labels(labels).eval_sums(logits, labels)
 
 
 @torch.no_grad()
@@ -37,7 +33,7 @@ def evaluate(
     """``{prefix}_loss``, ``{prefix}_accuracy`` and the task's other metrics."""
     totals: torch.Tensor | None = None
     for batch, counts in batches:
-        task = task or _task_of(batch["labels"])
+        task = task or tasks.for_labels(batch["labels"])
         out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         sums = task.eval_sums(out.logits, batch["labels"])
         totals = (sums if counts else torch.zeros_like(sums)) + (0 if totals is None else totals)

@@ -39,9 +39,16 @@ __all__ = [
     "make_trainer",
     "run",
     "run_many",
+    "run_name",
     "start_engine",
     "train_fn_per_worker",
 ]
+
+
+def run_name(cfg: FinetuneConfig) -> str:
+    """The run's directory name (``run.name`` or derived from the config)."""
+    return config_lib.run_name(cfg)
+
 
 # Test-only fault injection, kept out of the config schema: every worker raises right
 # after this step (read on the driver, handed to the workers).

@@ -42,7 +42,7 @@ from conf.schema import FinetuneConfig
 
 def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[str, float]:
     """One config's numbers on this rank."""
-    from jobs import memory, plan
+    from jobs import memory, plan, tasks
     from jobs.finetune import start_engine
     from jobs.models import Layout, build, hidden_size
 
@@ -59,16 +59,16 @@ def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[s
     engine.train()
     generator = torch.Generator().manual_seed(rank)
     mb, seq = train.micro_batch_size, cfg.data.max_length
-    vocab = len(tokenizer)
+    task = tasks.get(cfg.model)
 
     def batch() -> dict[str, torch.Tensor]:
-        ids = torch.randint(4, vocab, (mb, seq), generator=generator)
-        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if labels:
-            out["labels"] = torch.randint(0, len(labels), (mb,), generator=generator)
-        else:
-            out["labels"] = ids.clone()
-        return out
+        return task.example_batch(
+            batch_size=mb,
+            seq_len=seq,
+            vocab=len(tokenizer),
+            num_labels=len(labels or []),
+            generator=generator,
+        )
 
     peak = [0]
     saved: memory.SavedActivations | None = None

@@ -412,11 +412,23 @@ def _markdown(
             f"{', '.join(f'{k}={_fmt(v)}' for k, v in best['params'].items())}.",
             "",
         ]
+        test = (summary.get("best") or {}).get("test") or {}
+        if test:
+            lines += [
+                "Chosen on validation; on the held-out test split: "
+                + ", ".join(f"{k} = {_fmt(v)}" for k, v in test.items())
+                + ".",
+                "",
+            ]
         if best_yaml:
             lines += [f"Rerun it: `graft finetune +experiment={best_yaml}`", ""]
     for kind, value in summary.get("baselines", {}).items():
         if value is not None:
-            lines.append(f"- baseline {kind}: {objectives[0]['metric']} = {_fmt(value)}")
+            test = summary.get("baselines_test", {}).get(kind) or {}
+            extra = (
+                f" (test: {', '.join(f'{k} = {_fmt(v)}' for k, v in test.items())})" if test else ""
+            )
+            lines.append(f"- baseline {kind}: {objectives[0]['metric']} = {_fmt(value)}{extra}")
     if verdict:
         lines += ["", f"**{verdict}**" if "NEGATIVE" in verdict else verdict]
     lines += ["", "## Trials", ""]

@@ -36,12 +36,16 @@ class RunLog:
         if self.enabled:
             self.path.unlink(missing_ok=True)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, *, phase: int = 0) -> None:
+        """Keep what came before a checkpoint at ``step`` written in ``phase``: a later
+        phase's start logged at that same step came after it."""
         if self.enabled and self.path.is_file():
             kept = [
                 r
                 for r in read(self.path.parent)
-                if r.get("step", 0) <= step and r.get("event") != "end"
+                if r.get("step", 0) <= step
+                and r.get("event") != "end"
+                and not (r.get("event") == "phase" and r.get("phase", 0) > phase)
             ]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

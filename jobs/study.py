@@ -16,13 +16,16 @@ crash, a second machine on the same PostgreSQL study) see the same trials:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import socket
 import threading
+import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,11 +187,27 @@ class Driver:
 
     def __enter__(self) -> Driver:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid()}
-        me["started"] = _process_start(os.getpid())
-        self.path.write_text(json.dumps(me))
+        self._me = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid()}
+        self._me["started"] = _process_start(os.getpid())
+        self._write()
         self._thread.start()
         return self
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._me))
+        tmp.replace(self.path)
+
+    @contextlib.contextmanager
+    def asking(self) -> Iterator[None]:
+        """Around ask() and the writes that mark the new trial as this driver's: a driver
+        that dies inside leaves ``asking`` in its file, so ``reclaim`` can tell its
+        unmarked RUNNING trial from another live driver's."""
+        self._me["asking"] = time.time()
+        self._write()
+        yield
+        self._me.pop("asking")
+        self._write()
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -224,6 +243,7 @@ def reclaim(study: Any, sweep_dir: Path) -> list[int]:
     from optuna.trial import TrialState
 
     dead: set[str] = set()
+    asking: list[float] = []  # when dead drivers started an ask() they did not finish
     for path in sorted((sweep_dir / DRIVERS).glob("*.json")):
         try:
             info = json.loads(path.read_text())
@@ -234,12 +254,19 @@ def reclaim(study: Any, sweep_dir: Path) -> list[int]:
         started = _process_start(int(info["pid"]))
         if started is None or (info.get("started") and abs(started - info["started"]) > 1):
             dead.add(info["id"])
+            if info.get("asking"):
+                asking.append(float(info["asking"]))
             path.unlink(missing_ok=True)
     storage = study._storage
     callback = storage.get_heartbeat_stale_trial_callback()
     requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("driver") in dead:
+        owner = trial.user_attrs.get("driver")
+        unmarked = owner is None and any(
+            trial.datetime_start is not None and trial.datetime_start.timestamp() >= t - 1
+            for t in asking
+        )
+        if owner in dead or unmarked:
             try:
                 if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
                     callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))

@@ -10,6 +10,7 @@ Layers, top to bottom:
                       other drivers share it): ask -> sample the space -> trial config;
                       results -> intermediate values; the end -> tell (complete/pruned/fail)
   _trial(config)      one Tune trial: the trial's FinetuneConfig -> finetune.make_trainer
+                      (``run(trial=...)`` swaps it: scripted learning curves in tests)
 Resources: a trial's driver function holds no CPU or GPU (only a little memory); its
 Train gang reserves the workers' bundles in its own placement group. Trials run at most
 as many at once as the cluster fits whole gangs, so a trial never waits on resources
@@ -29,6 +30,7 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,9 @@ def sweep_name(cfg: FinetuneConfig) -> str:
     content["sweep"] = {k: v for k, v in content["sweep"].items() if k not in _NOT_IN_NAME}
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return f"sweep-{cfg.model.name}-{cfg.data.name}-{cfg.sweep.name}-{digest[:8]}"
+
+
+run_name = sweep_name  # the name every job module gives its runs (cluster.cli)
 
 
 def check(cfg: FinetuneConfig) -> tuple[dict[str, ParamSpec], int]:
@@ -159,22 +164,26 @@ class StudySearcher(Searcher):  # type: ignore[misc]
         optuna.storages.fail_stale_trials(study)
         if not study_lib.queued(study) and study_lib.budget_used(study) >= sweep.num_trials:
             return Searcher.FINISHED
-        with warnings.catch_warnings():  # "heartbeat ... used with Study.optimize": we beat it
-            warnings.simplefilter("ignore")
+        # Claimed before anything else: a driver killed between ask() and these writes
+        # would leave a RUNNING trial nobody owns (the "asking" mark in the driver file
+        # lets the next driver reclaim it).
+        with self.driver.asking(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat ... used with Study.optimize": we beat it
             trial = study.ask()  # a queued trial (retry, enqueued point) first, else a new one
+            trial.set_user_attr("driver", self.driver.id)
+            self.driver.track(trial._trial_id)
         frozen = study._storage.get_trial(trial._trial_id)
         was_queued = bool(frozen.params) or "fixed_params" in frozen.system_attrs
         if not was_queued and study_lib.budget_used(study, before=trial.number) >= sweep.num_trials:
             trial.set_user_attr("over_budget", True)  # another driver took the last slot
+            self.driver.untrack(trial._trial_id)
             study.tell(trial, state=TrialState.FAIL)
             return Searcher.FINISHED
         params = space_lib.sample(trial, self.space)
         origin = study_lib.origin(frozen)
         run_dir = self.sweep_dir / "trials" / str(origin)
-        trial.set_user_attr("driver", self.driver.id)
         trial.set_user_attr("tune_trial_id", trial_id)
         trial.set_user_attr("run_dir", str(run_dir))
-        self.driver.track(trial._trial_id)
         self.live[trial_id] = trial
         self.curves[trial_id] = [list(p) for p in frozen.user_attrs.get("curve", [])]
         self.progress.started(trial.number, params, resumed=origin != trial.number)
@@ -344,8 +353,22 @@ def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
 
 
 # --------------------------------------------------------------------------- driver
-def run(cfg: FinetuneConfig, *, show_progress: bool = True, report: bool = True) -> SweepSummary:
-    """Run (or resume) the sweep ``cfg`` describes. Callable in-process and from the CLI."""
+TrialFn = Callable[..., None]
+
+
+def run(
+    cfg: FinetuneConfig,
+    *,
+    show_progress: bool = True,
+    report: bool = True,
+    trial: TrialFn | None = None,
+) -> SweepSummary:
+    """Run (or resume) the sweep ``cfg`` describes. Callable in-process and from the CLI.
+
+    ``trial`` is the Tune function each trial runs, ``trial(config, *, base, space)``
+    (default: ``_trial``, a Train gang of the trial's config). It is the seam that lets
+    the searcher, the scheduler, the budget and resumption run against scripted
+    learning curves in seconds (tests/integration/scripted.py)."""
     import optuna
     from ray import tune
 
@@ -412,7 +435,8 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True, report: bool = True)
         with study_lib.Driver(sweep_dir, storage) as driver:
             searcher = StudySearcher(sweep, space, study, driver, sweep_dir, progress)
             trainable = tune.with_resources(
-                tune.with_parameters(_trial, base=base, space=space), TRIAL_DRIVER_RESOURCES
+                tune.with_parameters(trial or _trial, base=base, space=space),
+                TRIAL_DRIVER_RESOURCES,
             )
             tuner = tune.Tuner(
                 trainable,
@@ -509,6 +533,10 @@ def _end_record(run_dir: Path) -> dict[str, Any] | None:
     return next((r for r in reversed(runlog.read(run_dir)) if r.get("event") == "end"), None)
 
 
+def _test_metrics(end: dict[str, Any] | None) -> dict[str, float]:
+    return {k: v for k, v in (end or {}).items() if k.startswith("test_") and isinstance(v, float)}
+
+
 def summarize(
     cfg: FinetuneConfig, best: Any, baselines: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
@@ -518,8 +546,16 @@ def summarize(
     if best is None:
         return summary
     summary["best"] = {"number": best.number, "values": best.values, "params": best.params}
+    # Chosen on validation; its test score (when there is a test split) is only reported.
+    end = (
+        _end_record(Path(best.user_attrs.get("run_dir", "")))
+        if best.user_attrs.get("run_dir")
+        else None
+    )
+    summary["best"]["test"] = _test_metrics(end)
     sign = 1 if primary.mode == "max" else -1
     summary["baselines"] = {k: v.get(primary.metric) for k, v in baselines.items()}
+    summary["baselines_test"] = {k: _test_metrics(v) for k, v in baselines.items()}
     if "scratch" in baselines and primary.metric in baselines["scratch"]:
         gain = sign * (best.values[0] - baselines["scratch"][primary.metric])
         margin = cfg.sweep.negative_transfer_margin
@@ -539,6 +575,11 @@ def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
         f"graft: best trial {best['number']}: {metric} {best['values'][0]:.4g} "
         f"({space_lib.describe(best['params'])}); {elapsed:.0f}s"
     )
+    if best.get("test"):
+        console.print(
+            "graft: best trial on the test split: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in best["test"].items())
+        )
     for kind, value in summary.get("baselines", {}).items():
         if value is not None:
             console.print(f"graft: baseline {kind}: {metric} {value:.4g}")

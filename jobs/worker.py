@@ -339,7 +339,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         saved = ckpt.load(current.engine, run.resume_from, rank=run.rank, world_size=run.world)
         for key, value in saved.items():
             setattr(state, key, value)
-        run.log.truncate_after(state.step)
+        run.log.truncate_after(state.step, phase=state.phase)
         run.log.log(
             {
                 "event": "resume",

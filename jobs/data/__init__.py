@@ -119,8 +119,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     """Pad to the longest example in the batch (right padding); either text task."""
     from jobs import tasks
 
-    name = "sequence_classification" if "label" in examples[0] else "causal_lm"
-    return tasks.get(name).collate(examples, pad_id)
+    return tasks.for_examples(examples).collate(examples, pad_id)
 
 
 def train_shard(

