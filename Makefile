@@ -32,8 +32,10 @@ install-models: install
 demo: install
 	$(VENV)/bin/graft finetune
 
+# Two pytest workers, a test file each at a time: most of a Ray test's wall time is
+# process start-up and polling, not CPU, so two files overlap well on 2 cores.
 test: install
-	$(PY) -m pytest -m "not slow" -q --durations=25
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile --durations=25
 
 test-all: install-models
 	$(PY) -m pytest -q

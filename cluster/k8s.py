@@ -12,6 +12,7 @@ the operator's own rules that schemas miss.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import shlex
@@ -148,7 +149,15 @@ def _crd_schema(kind: str) -> dict[str, Any]:
     folder = crd_dir()
     if folder is None:
         raise FileNotFoundError("no KubeRay CRDs (../shared/kuberay-crds or $GRAFT_KUBERAY_CRDS)")
-    crd = yaml.safe_load((folder / f"ray.io_{RAY_KINDS[kind]}.yaml").read_text())
+    return _load_crd_schema(folder / f"ray.io_{RAY_KINDS[kind]}.yaml")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_crd_schema(path: Path) -> dict[str, Any]:
+    """The CRD's v1 schema, made structural; parsed once per process (the CRD files are
+    megabytes of YAML; callers only read the result)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(path.read_text(), Loader=loader)
     version = next(
         v for v in crd["spec"]["versions"] if v["name"] == "v1" and v.get("served", True)
     )

@@ -259,6 +259,9 @@ def start_engine(
 
     train = cfg.train
     phase = phase or Phase(0, strategy.name, 0, train.max_steps, strategy)
+    if pretrained is None:  # the weights as given are the reference (bare names)
+        initial = dict(model.state_dict())
+        pretrained = lambda: initial  # noqa: E731
     model = strategies.apply_phase(model, phase, layout)
     if weights is not None:  # the previous phase's, into the same wrapping (peft or not)
         model.load_state_dict(weights)
@@ -277,7 +280,7 @@ def start_engine(
             layout=layout,
             task=task or tasks.get(cfg.model),
             zero_stage=cfg.deepspeed.stage,
-            pretrained=pretrained or (lambda: model.state_dict()),
+            pretrained=pretrained,
         )
         module = objectives.Objective(model, context.task, terms, context)
         extra = [p for p in module.terms.parameters() if p.requires_grad]

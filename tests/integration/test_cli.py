@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from jobs import runlog
+from jobs.config import compose
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).parents[2]
@@ -66,12 +67,20 @@ def test_finetune_on_an_existing_cluster_by_address(
 ) -> None:
     import ray
 
+    from tests.integration.test_finetune import score_export
+
     address = ray.get_runtime_context().gcs_address
+    # One worker, ZeRO-1, freeze_depth: also the single-worker case of the finetune tests.
+    overrides = [
+        *tiny_overrides(data_dir),
+        "deepspeed=zero1",
+        "scaling=single",
+        "strategy=freeze_depth",
+    ]
     result = _graft(
         "finetune",
         "-q",
-        *tiny_overrides(data_dir),
-        "train.max_steps=6",
+        *overrides,
         "cluster=remote",
         f"cluster.address={address}",
         f"run.output_dir={tmp_path}",
@@ -79,7 +88,18 @@ def test_finetune_on_an_existing_cluster_by_address(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Ray at {address}" in result.stdout
-    assert next(r for r in runlog.read(tmp_path / "remote") if r.get("event") == "end")["step"] == 6
+    records = runlog.read(tmp_path / "remote")
+    end = next(r for r in records if r.get("event") == "end")
+    assert end["step"] == 12
+    assert next(r for r in records if r.get("event") == "start")["world_size"] == 1
+    assert (
+        next(r for r in records if r.get("event") == "baseline")["eval_loss"] - end["eval_loss"]
+        > 0.3
+    )
+    cfg = compose(overrides)
+    assert score_export(tmp_path / "remote" / "export", cfg) == pytest.approx(
+        end["eval_loss"], rel=1e-4
+    )
 
 
 def test_an_unreachable_cluster_address_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:

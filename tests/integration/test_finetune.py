@@ -333,19 +333,6 @@ def test_offload_bf16_lora(gang: dict[str, Any]) -> None:
     assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=2e-2)
 
 
-def test_a_single_worker(tmp_path: Path, data_dir: Path) -> None:
-    cfg, records = _run(
-        tmp_path,
-        tiny_overrides(data_dir) + ["deepspeed=zero1", "scaling=single", "strategy=freeze_depth"],
-    )
-    end = _event(records, "end")
-    assert _event(records, "start")["world_size"] == cfg.scaling.num_workers == 1
-    assert _event(records, "baseline")["eval_loss"] - end["eval_loss"] > 0.3
-    assert score_export(tmp_path / "run" / "export", cfg) == pytest.approx(
-        end["eval_loss"], rel=1e-4
-    )
-
-
 # --------------------------------------------------------------------------- progressive
 def _trainable_by_phase(records: list[dict[str, Any]]) -> list[tuple[int, int, set[str]]]:
     starts = [r for r in records if r.get("event") in ("start", "phase")]
