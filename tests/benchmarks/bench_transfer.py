@@ -101,7 +101,8 @@ def _finetune(overrides: list[str], out: Path, name: str, data: list[str] = DATA
         "test_macro_f1": summary.metrics.get("test_macro_f1"),
         "eval_loss_before": baseline.get("eval_loss"),
         "eval_accuracy_before": baseline.get("eval_accuracy"),
-        "trainable_params": start["trainable_params"],
+        # the last phase's (progressive starts with the head alone)
+        "trainable_params": summary.metrics.get("trainable_params", start["trainable_params"]),
         "total_params": start["total_params"],
         "tokens_per_s": sum(rates[1:]) / max(len(rates) - 1, 1) if rates else None,
         "wall_s": time.time() - started,
