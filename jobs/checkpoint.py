@@ -69,8 +69,10 @@ def latest_complete(parent: Path) -> Path | None:
 
 
 def read_state(directory: Path) -> dict[str, Any]:
-    """The run state a checkpoint holds (step, phase, ...), read without an engine."""
-    return dict(json.loads((directory / META).read_text())["state"])
+    """The run state a checkpoint holds (step, phase, ...), read without an engine; {}
+    for a checkpoint written before meta.json carried it (one phase: ``load`` fills
+    the state in)."""
+    return dict(json.loads((directory / META).read_text()).get("state", {}))
 
 
 def prune(parent: Path, *, keep: int, also: Iterable[int | None] = ()) -> list[Path]:
