@@ -62,7 +62,7 @@ class Summary:
     export_dir: Path | None
 
 
-def _debug() -> dict[str, Any]:
+def debug_knobs() -> dict[str, Any]:
     value = os.environ.get(FAIL_AT_STEP_ENV)
     return {"fail_at_step": int(value)} if value else {}
 
@@ -74,14 +74,16 @@ def make_trainer(
     started: float,
     callbacks: Sequence[Any] = (),
     more: Sequence[tuple[FinetuneConfig, Path]] = (),
+    serve: dict[str, Any] | None = None,
 ) -> Any:
     """The Ray Train gang for one run (``more``: further runs after it, same scaling):
-    ``cfg.scaling.num_workers`` DeepSpeed workers. Used by ``run``/``run_many`` and by
-    each sweep trial (which adds Tune's report callback)."""
+    ``cfg.scaling.num_workers`` DeepSpeed workers. Used by ``run``/``run_many`` and by a
+    sweep's pool (``serve``: the gang trains the runs a jobs.pool dispatcher hands out;
+    ``run_dir`` then only holds Ray Train's state)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    runs = [(cfg, run_dir), *more]
+    runs = [] if serve else [(cfg, run_dir), *more]
     for other, _ in runs[1:]:
         if other.scaling != cfg.scaling:
             raise ConfigError(
@@ -93,7 +95,8 @@ def make_trainer(
         train_loop_config={
             "runs": [{"cfg": c, "run_dir": str(d)} for c, d in runs],
             "started": started,
-            "debug": _debug(),
+            "debug": debug_knobs(),
+            **({"serve": serve} if serve else {}),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,

@@ -44,7 +44,7 @@ class RunLog:
                 r
                 for r in read(self.path.parent)
                 if r.get("step", 0) <= step
-                and r.get("event") != "end"
+                and r.get("event") not in ("end", "cancelled")
                 and not (r.get("event") == "phase" and r.get("phase", 0) > phase)
             ]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

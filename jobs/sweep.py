@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.search import Searcher
 from rich.console import Console
 
@@ -137,17 +136,19 @@ class StudySearcher(Searcher):  # type: ignore[misc]
         driver: study_lib.Driver,
         sweep_dir: Path,
         progress: Progress,
+        stop_run: Callable[[str], None] = lambda run_dir: None,
     ) -> None:
         super().__init__(metric=sweep.objectives[0].metric, mode=sweep.objectives[0].mode)
         self.sweep, self.space, self.study = sweep, space, study
         self.driver, self.sweep_dir, self.progress = driver, sweep_dir, progress
+        self.stop_run = stop_run  # a trial stopped from outside: its gang moves on
         self.live: dict[str, Any] = {}
         self.curves: dict[str, list[list[float]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its search algorithm into the experiment state; the study, the
         # driver's heartbeat thread and live trials stay in this process.
-        skip = ("study", "driver", "progress", "live")
+        skip = ("study", "driver", "progress", "live", "stop_run")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def save(self, checkpoint_path: str) -> None:
@@ -218,7 +219,7 @@ class StudySearcher(Searcher):  # type: ignore[misc]
             return
         self.driver.untrack(trial._trial_id)
         if error or not (result or {}).get("final"):  # stopped from outside: free its gang
-            free_gang(Path(trial.user_attrs["run_dir"]))
+            self.stop_run(trial.user_attrs["run_dir"])
         objectives = self.sweep.objectives
         if error or not result:
             self.study.tell(trial, state=TrialState.FAIL)
@@ -280,46 +281,16 @@ class Progress:
 
 
 # --------------------------------------------------------------------------- trial
-GANG_FILE = "gang.pg"
+def _trial(
+    config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, ParamSpec], dispatcher: Any
+) -> None:
+    """One Tune trial: the trial's config from its params, trained by a free gang of the
+    sweep's pool (jobs.pool); its reports pass through to Tune. The plain config crosses
+    to every rank, so all ranks agree. When the scheduler stops the trial, the searcher
+    cancels the run and the gang moves on to the next."""
+    from ray import tune
 
-
-class RecordGang(WorkerGroupCallback):  # type: ignore[misc]
-    """Writes the id of the trial gang's placement group into its run directory. When
-    the scheduler stops a trial, Tune kills the trial's actor and with it the Train
-    controller, but the gang's placement group belongs to the job and would hold its
-    CPUs/GPUs until Ray's state-API-based cleaner notices (never, without a dashboard):
-    the driver frees it from this file."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.path = Path(run_dir) / GANG_FILE
-
-    def after_worker_group_start(self, worker_group: Any) -> None:
-        handle = worker_group.get_worker_group_state().placement_group_handle
-        self.path.write_text(handle.placement_group.id.hex())
-
-
-def free_gang(run_dir: Path) -> bool:
-    """Remove a stopped trial's placement group if it is still there; True if removed."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, placement_group_table
-
-    path = run_dir / GANG_FILE
-    if not path.is_file():
-        return False
-    pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(path.read_text().strip())))
-    path.unlink(missing_ok=True)
-    if placement_group_table(pg).get("state") in (None, "REMOVED"):
-        return False
-    ray.util.remove_placement_group(pg)
-    return True
-
-
-def _trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, ParamSpec]) -> None:
-    """One Tune trial: build the trial's config from its params and run its Train gang.
-    The plain config crosses to every rank in train_loop_config, so all ranks agree."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from jobs.finetune import make_trainer
+    from jobs import pool as pool_lib
 
     run_dir = Path(config["run_dir"])
     cfg = space_lib.apply(base, space, config["params"])
@@ -327,8 +298,9 @@ def _trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, Par
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
     (run_dir / "params.json").write_text(json.dumps(config["params"], indent=2))
-    callbacks = [TuneReportCallback(), RecordGang(str(run_dir))]
-    make_trainer(cfg, run_dir, started=time.time(), callbacks=callbacks).fit()
+    pool_lib.submit(dispatcher, str(run_dir), cfg, run_dir)
+    for result in pool_lib.results(dispatcher, str(run_dir)):
+        tune.report(result)
 
 
 def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
@@ -354,6 +326,27 @@ def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
 
 # --------------------------------------------------------------------------- driver
 TrialFn = Callable[..., None]
+
+
+class _Pools:
+    """The sweep's gangs (jobs.pool), started on first use (a scripted sweep without
+    baselines never starts one) and closed at the end."""
+
+    def __init__(self, cfg: FinetuneConfig, slots: int, root: Path) -> None:
+        self.cfg, self.slots, self.root = cfg, slots, root
+        self.pool: Any = None
+
+    def get(self) -> Any:
+        from jobs.pool import Pool
+
+        if self.pool is None:
+            self.pool = Pool.start(self.cfg, slots=self.slots, root=self.root)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
 
 def run(
@@ -431,34 +424,50 @@ def run(
     remaining = sweep.num_trials - study_lib.budget_used(study)  # queued trials included
     primary = sweep.objectives[0]
     progress = Progress(primary.metric, primary.mode, enabled=show_progress)
-    if remaining > 0:
-        with study_lib.Driver(sweep_dir, storage) as driver:
-            searcher = StudySearcher(sweep, space, study, driver, sweep_dir, progress)
-            trainable = tune.with_resources(
-                tune.with_parameters(trial or _trial, base=base, space=space),
-                TRIAL_DRIVER_RESOURCES,
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=searcher,
-                    scheduler=_scheduler(cfg, evals),
-                    num_samples=remaining,
-                    max_concurrent_trials=at_once,
-                ),
-                run_config=tune.RunConfig(
-                    name=f"tune-{driver.id}",
-                    storage_path=str(sweep_dir / "tune"),
-                    verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=0),
-                ),
-            )
-            tuner.fit()
-    else:
-        console.print(f"graft: the study already holds its {sweep.num_trials} trials")
+    pools = _Pools(base, at_once, sweep_dir / "pool")
+    try:
+        if remaining > 0:
+            with study_lib.Driver(sweep_dir, storage) as driver:
+                if trial is None:
+                    pool = pools.get()
+                    trainable = tune.with_parameters(
+                        _trial, base=base, space=space, dispatcher=pool.dispatcher
+                    )
+                    stop_run = pool.cancel
+                else:
+                    trainable, stop_run = tune.with_parameters(trial, base=base, space=space), None
+                searcher = StudySearcher(
+                    sweep,
+                    space,
+                    study,
+                    driver,
+                    sweep_dir,
+                    progress,
+                    **({"stop_run": stop_run} if stop_run else {}),
+                )
+                tuner = tune.Tuner(
+                    tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+                    tune_config=tune.TuneConfig(
+                        search_alg=searcher,
+                        scheduler=_scheduler(cfg, evals),
+                        num_samples=remaining,
+                        max_concurrent_trials=at_once,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=f"tune-{driver.id}",
+                        storage_path=str(sweep_dir / "tune"),
+                        verbose=0,
+                        failure_config=tune.FailureConfig(max_failures=0),
+                    ),
+                )
+                tuner.fit()
+        else:
+            console.print(f"graft: the study already holds its {sweep.num_trials} trials")
 
-    best = best_trial(study)
-    baselines = run_baselines(cfg, space, best, sweep_dir) if best else {}
+        best = best_trial(study)
+        baselines = run_baselines(cfg, space, best, sweep_dir, pools) if best else {}
+    finally:
+        pools.close()
     summary = summarize(cfg, best, baselines)
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary, time.time() - started)
@@ -501,20 +510,18 @@ def baseline_config(
 
 
 def run_baselines(
-    cfg: FinetuneConfig, space: dict[str, ParamSpec], best: Any, sweep_dir: Path
+    cfg: FinetuneConfig, space: dict[str, ParamSpec], best: Any, sweep_dir: Path, pools: _Pools
 ) -> dict[str, dict[str, Any]]:
-    """Run (or reuse, when already finished) the configured baselines; their end records."""
-    from jobs.finetune import make_trainer
-
+    """Run (or reuse, when already finished) the configured baselines on the sweep's
+    gangs, side by side; their end records."""
     assert cfg.sweep is not None
     kinds = {"none": [], "both": ["scratch", "linear_probe"]}.get(
         cfg.sweep.baseline, [cfg.sweep.baseline]
     )
-    results: dict[str, dict[str, Any]] = {}
+    todo = []
     for kind in kinds:
         run_dir = sweep_dir / "baselines" / kind
-        end = _end_record(run_dir)
-        if end is None:
+        if _end_record(run_dir) is None:
             bcfg = baseline_config(cfg, space, best.params, kind)
             bcfg = dataclasses.replace(bcfg, run=dataclasses.replace(bcfg.run, name=kind))
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -522,8 +529,12 @@ def run_baselines(
             console.print(
                 f"graft: baseline {kind} with trial {best.number}'s settings -> {run_dir}"
             )
-            make_trainer(bcfg, run_dir, started=time.time()).fit()
-            end = _end_record(run_dir)
+            todo.append((str(run_dir), bcfg, run_dir))
+    if todo:
+        pools.get().run_all(todo)
+    results: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        end = _end_record(sweep_dir / "baselines" / kind)
         if end is not None:
             results[kind] = end
     return results

@@ -42,6 +42,7 @@ from jobs.evaluate import evaluate
 from jobs.export import export
 from jobs.memory import live_tensor_bytes
 from jobs.models import Layout, build, hidden_size
+from jobs.pool import Cancelled
 from jobs.strategies import Phase
 from jobs.strategies.discriminative import param_groups
 
@@ -50,13 +51,17 @@ CHECKPOINTS = "checkpoints"
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the runs in ``loop_config["runs"]`` one after another (each a
-    plain, validated FinetuneConfig and its run directory)."""
+    plain, validated FinetuneConfig and its run directory), or, in a pool's gang
+    (``loop_config["serve"]``), the runs its dispatcher hands out until it closes."""
     import ray.train
 
     _quiet()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     debug = loop_config.get("debug", {})
+    if "serve" in loop_config:
+        serve(loop_config["serve"], rank=rank, world=world)
+        return
     for job in loop_config["runs"]:
         train_one(
             job["cfg"],
@@ -66,6 +71,58 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             started=job.get("started", loop_config["started"]),
             fail_at_step=debug.get("fail_at_step"),
         )
+
+
+def serve(spec: dict[str, Any], *, rank: int, world: int) -> None:
+    """A pool gang's loop (jobs.pool): take the slot's next job, train it, say how it
+    ended; a cancelled run stops at a report, its engine torn down, on every rank."""
+    import ray
+
+    dispatcher, slot = spec["dispatcher"], spec["slot"]
+    seq = 0
+    while (job := ray.get(dispatcher.take.remote(slot, seq))) is not None:
+        seq += 1
+        outcome = "complete"
+        try:
+            train_one(
+                job["cfg"],
+                Path(job["run_dir"]),
+                rank=rank,
+                world=world,
+                started=job["started"],
+                fail_at_step=job.get("fail_at_step"),
+                report=_PoolReport(dispatcher, job["run_id"], rank),
+            )
+        except Cancelled:
+            outcome = "cancelled"
+        gc.collect()
+        if rank == 0:
+            ray.get(dispatcher.done.remote(slot, job["run_id"], outcome))
+
+
+class _PoolReport:
+    """A pool run's reports go to its dispatcher (rank 0 sends them); at each one the
+    ranks agree whether the run was cancelled."""
+
+    def __init__(self, dispatcher: Any, run_id: str, rank: int) -> None:
+        self.dispatcher, self.run_id, self.rank = dispatcher, run_id, rank
+
+    def __call__(self, metrics: dict[str, Any], *, final: bool = False) -> None:
+        import ray
+
+        cancelled = 0
+        if self.rank == 0:
+            ray.get(self.dispatcher.report.remote(self.run_id, metrics))
+            if not final:
+                cancelled = int(ray.get(self.dispatcher.is_cancelled.remote(self.run_id)))
+        if not final and _all_max(cancelled):
+            raise Cancelled(self.run_id)
+
+
+def _train_report(metrics: dict[str, Any], *, final: bool = False) -> None:
+    import ray.train
+
+    ray.train.report(metrics)
 
 
 def _quiet() -> None:
@@ -119,6 +176,8 @@ class Run:
     digest: str
     resume_from: Path | None
     fail_at_step: int | None = None
+    # Where reports go (ray.train.report, or a pool's dispatcher): see train_one.
+    report: Any = None
     # The phase's engine; start_phase replaces it (only this reference holds it, so
     # tearing it down frees its memory).
     current: PhaseEngine | None = None
@@ -140,17 +199,30 @@ def train_one(
     world: int,
     started: float,
     fail_at_step: int | None = None,
+    report: Any = None,
 ) -> None:
+    """One run, start (or resume) to finish. ``report(metrics, final=)`` receives each
+    evaluation/checkpoint report (default: ``ray.train.report``); it may raise to stop
+    the run (a pool's cancellation), which tears the run's engine down first."""
     run = setup(cfg, run_dir, rank=rank, world=world, started=started, fail_at_step=fail_at_step)
+    run.report = report or _train_report
     state = State()
     if run.resume_from is not None:
         state = State(**ckpt.read_state(run.resume_from))
-    for phase in run.phases[state.phase :]:
-        start_phase(run, phase, state)
-        assert run.current is not None
-        train_phase(run, phase, run.current, state)
-        if state.stopped_early or _epochs_done(run, state):
-            break
+    try:
+        for phase in run.phases[state.phase :]:
+            start_phase(run, phase, state)
+            assert run.current is not None
+            train_phase(run, phase, run.current, state)
+            if state.stopped_early or _epochs_done(run, state):
+                break
+    except Cancelled:  # the gang lives on: free what this run holds
+        run.log.log({"event": "cancelled", "step": state.step, "phase": state.phase})
+        run.log.close()
+        if run.current is not None:
+            run.current.engine.destroy()
+            run.current = None
+        raise
     assert run.current is not None
     finish(run, run.current, state)
 
@@ -533,6 +605,13 @@ def _all_mean(value: float) -> float:
     return float(t.item())
 
 
+def _all_max(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _improved(value: float, best: float | None, *, mode: str, min_delta: float) -> bool:
     if best is None:
         return True
@@ -545,14 +624,13 @@ def _barrier() -> None:
 
 
 def _report(run: Run, engine: Any, metrics: dict[str, Any], state: State, *, save: bool) -> None:
-    """ray.train.report on every rank (it is a barrier), after a checkpoint when ``save``."""
-    import ray.train
-
+    """The run's report on every rank (ray.train.report is a barrier), after a checkpoint
+    when ``save``."""
     if save:
         save_checkpoint(run, engine, state)
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     flat["step"] = state.step
-    ray.train.report(flat)
+    run.report(flat)
 
 
 def save_checkpoint(run: Run, engine: Any, state: State) -> None:
@@ -577,8 +655,6 @@ def save_checkpoint(run: Run, engine: Any, state: State) -> None:
 def finish(run: Run, current: PhaseEngine, state: State) -> None:
     """The best weights back (early stopping), the final and test evaluation, the
     export, and the run's result reported to Ray."""
-    import ray.train
-
     cfg, engine = run.cfg, current.engine
     early = cfg.train.early_stopping
     if early.enabled and state.best_step is not None and state.best_step != state.step:
@@ -613,11 +689,12 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
     # The run's result, also when a rerun found it already finished: a sweep trial's
     # objective values come from this report ("final" tells a finished trial from a pruned one).
     flat = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-    ray.train.report(
+    run.report(
         {
             **flat,
             "step": state.step,
             "evals": math.ceil(state.step / cfg.train.eval_every),
             "final": 1,
-        }
+        },
+        final=True,
     )
