@@ -394,7 +394,7 @@ class RunConfig:
 
 
 SAMPLERS = ("tpe", "random", "qmc")
-SCHEDULERS = ("asha", "hyperband", "none")
+SCHEDULERS = ("stratified", "asha", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "log_float", "categorical")
 BASELINES = ("none", "scratch", "linear_probe", "both")
 # What a trial reports and a study can optimize; eval_* come from the job's evals.
@@ -436,8 +436,14 @@ class SweepConfig:
     seed: int = 0
     # TPE: random trials before the model-based ones.
     n_startup_trials: int = 4
-    # asha | hyperband | none; the budget is counted in evaluations (train.eval_every steps).
-    scheduler: str = "asha"
+    # stratified | asha | hyperband | none; rungs are counted in evaluations
+    # (train.eval_every steps). stratified: successive halving within each value of
+    # sweep.stratify_by (jobs/schedulers.py), so a slow-starting strategy is compared
+    # with its own kind; asha / hyperband: Ray Tune's, every trial against all.
+    scheduler: str = "stratified"
+    stratify_by: str | None = "strategy"
+    # stratified: a rung prunes only once this many other trials (of the stratum) reached it.
+    min_peers: int = 2
     grace_period: int = 1
     reduction_factor: int = 2
     # scheduler=hyperband: asynchronous HyperBand with this many ASHA brackets.
@@ -450,9 +456,22 @@ class SweepConfig:
     storage: str | None = None
     # Study name; None = the sweep's run name.
     study: str | None = None
-    # Reference runs with the best trial's settings: scratch (random init) and/or
-    # linear_probe (frozen backbone + head).
+    # Training steps all trials may use together (None: no limit but num_trials). A
+    # trial starts only when the steps left cover it at full length after what the
+    # running trials may still use, so the sweep never spends more; pruning makes room
+    # for more trials. "As expensive as 4 full runs": 4 * train.max_steps.
+    budget: int | None = None
+    # Retrain the best trial at the full train.max_steps when trials ran shorter
+    # (sweep.max_t), into <sweep>/best; its validation and test scores are reported.
+    retrain_best: bool = True
+    # Reference runs: scratch (random init, every weight) and/or linear_probe (frozen
+    # backbone + head), each with its own small lr search (the best trial's lr times
+    # each multiplier) at the full train.max_steps; the best on validation is reported.
     baseline: str = "none"
+    scratch_lr_mults: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
+    probe_lr_mults: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0])
+    # Gain below this (but above the negative-transfer margin) is flagged as WEAK TRANSFER.
+    weak_transfer_margin: float = 0.02
     # Pretrained must beat scratch by at least this much, else NEGATIVE TRANSFER.
     negative_transfer_margin: float = 0.0
     # Parameter sets (by parameter name) tried first, e.g. the defaults you trust.
@@ -490,6 +509,16 @@ class SweepConfig:
             )
         _one_of("sweep.baseline", self.baseline, BASELINES)
         _non_negative("sweep.negative_transfer_margin", self.negative_transfer_margin)
+        _non_negative("sweep.weak_transfer_margin", self.weak_transfer_margin)
+        _non_negative("sweep.min_peers", self.min_peers)
+        if self.budget is not None:
+            _positive("sweep.budget", self.budget)
+        for key in ("scratch_lr_mults", "probe_lr_mults"):
+            mults = getattr(self, key)
+            if not mults or any(not (isinstance(m, (int, float)) and m > 0) for m in mults):
+                raise ConfigError(
+                    f"sweep.{key}", f"must be a non-empty list of numbers > 0, got {mults}"
+                )
         if self.study is not None and not self.study.strip():
             raise ConfigError("sweep.study", "must not be empty")
         if not self.space:

@@ -29,14 +29,22 @@ def evaluate(
     task: Any = None,
     prefix: str = "eval",
     confusion: bool = False,
+    per_example: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """``{prefix}_loss``, ``{prefix}_accuracy`` and the task's other metrics."""
+    """``{prefix}_loss``, ``{prefix}_accuracy`` and the task's other metrics.
+    ``per_example``: also append each counted example's own sums, in this rank's order
+    (summing any subset and calling ``task.metrics`` scores that subset: bootstraps)."""
     totals: torch.Tensor | None = None
     for batch, counts in batches:
         task = task or tasks.for_labels(batch["labels"])
         out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         sums = task.eval_sums(out.logits, batch["labels"])
         totals = (sums if counts else torch.zeros_like(sums)) + (0 if totals is None else totals)
+        if per_example is not None and counts:
+            per_example.extend(
+                task.eval_sums(out.logits[i : i + 1], batch["labels"][i : i + 1])
+                for i in range(batch["labels"].size(0))
+            )
     assert totals is not None and task is not None, "evaluate: no batches"
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

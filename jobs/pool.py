@@ -51,6 +51,7 @@ class Dispatcher:
         self.cancelled: set[str] = set()
         self.running: dict[int, str] = {}  # slot -> the run it trains
         self.closed = False
+        self.error: str | None = None  # set when a gang cannot start at all
 
     def _results(self, run_id: str) -> asyncio.Queue[dict[str, Any]]:
         return self.results.setdefault(run_id, asyncio.Queue())
@@ -58,6 +59,9 @@ class Dispatcher:
     async def submit(self, job: dict[str, Any]) -> None:
         self.cancelled.discard(job["run_id"])
         self.results[job["run_id"]] = asyncio.Queue()
+        if self.error is not None:
+            self.results[job["run_id"]].put_nowait({"error": self.error})
+            return
         await self.queue.put(job)
 
     async def take(self, slot: int, seq: int) -> dict[str, Any] | None:
@@ -89,13 +93,23 @@ class Dispatcher:
         if outcome == "cancelled":
             self._results(run_id).put_nowait({"cancelled": True})
 
-    async def failed(self, slot: int, error: str) -> None:
-        """The slot's gang died; the run it was training ends with ``error``."""
+    async def failed(self, slot: int, error: str) -> bool:
+        """The slot's gang died; the run it was training ends with ``error``. False when
+        it was training none (it died starting up)."""
         run_id = self.running.pop(slot, None)
         if run_id is not None:
             self._results(run_id).put_nowait({"error": error})
         for key in [k for k in self.taken if k[0] == slot]:
             del self.taken[key]
+        return run_id is not None
+
+    async def broken(self, error: str) -> None:
+        """A slot cannot start a gang: every queued and later run ends with ``error``."""
+        self.error = error
+        while not self.queue.empty():
+            job = self.queue.get_nowait()
+            if job is not None:
+                self._results(job["run_id"]).put_nowait({"error": error})
 
     async def next_result(self, run_id: str, timeout: float) -> dict[str, Any] | None:
         try:
@@ -127,7 +141,7 @@ class Slot:
 
         from jobs.finetune import make_trainer
 
-        fits = 0
+        fits = idle_failures = 0
         while True:
             fits += 1
             trainer = make_trainer(
@@ -140,8 +154,15 @@ class Slot:
                 trainer.fit()
                 return fits
             except Exception:  # noqa: BLE001  # the run's error goes to its reader
-                ray.get(dispatcher.failed.remote(slot, traceback.format_exc(limit=20)))
+                error = traceback.format_exc(limit=20)
+                if ray.get(dispatcher.failed.remote(slot, error)):
+                    idle_failures = 0
+                else:
+                    idle_failures += 1
                 if ray.get(dispatcher.is_closed.remote()):
+                    return fits
+                if idle_failures >= 2:  # it cannot start: say so instead of retrying forever
+                    ray.get(dispatcher.broken.remote(error))
                     return fits
 
 

@@ -336,7 +336,9 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
     best_yaml = None
     if best:
         cfg = load_config(sweep_dir)
-        trial_cfg = space_lib.apply(space_lib.trial_base(cfg), space, best["params"])
+        # The retrained run's config when there is one (the full train.max_steps).
+        base = space_lib.full_base(cfg) if summary.get("retrained") else space_lib.trial_base(cfg)
+        trial_cfg = space_lib.apply(base, space, best["params"])
         header = [
             f"Best trial {best['number']} of sweep {meta['name']}: {metric} = {_fmt(best['values'][0])}",
             f"Rerun: graft finetune +experiment={out / 'best.yaml'}",
@@ -353,6 +355,29 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
         _html(meta, rows, counts, objectives, best, verdict, plots, notes, front, best_yaml)
     )
     return out
+
+
+def rung_counts(meta: dict[str, Any], rows: list[TrialRow]) -> list[list[Any]]:
+    """Per stratum (the scheduler's stratify_by parameter, else all trials): how many
+    trials reached each rung, and how many completed."""
+    rungs = meta.get("rungs") or []
+    if not rungs:
+        return []
+    key = meta.get("stratify_by")
+    strata: dict[str, list[TrialRow]] = {}
+    for r in rows:
+        strata.setdefault(str(r.params.get(key, "all")) if key else "all", []).append(r)
+    table = []
+    for name, members in sorted(strata.items()):
+        reached = [max((e for e, _ in r.curve), default=0) for r in members]
+        table.append(
+            [
+                name,
+                *[sum(1 for x in reached if x >= rung) for rung in rungs],
+                sum(1 for r in members if r.state == "COMPLETE"),
+            ]
+        )
+    return table
 
 
 def _table_header(objectives: list[dict[str, str]], params: list[str]) -> list[str]:
@@ -431,6 +456,25 @@ def _markdown(
             lines.append(f"- baseline {kind}: {objectives[0]['metric']} = {_fmt(value)}{extra}")
     if verdict:
         lines += ["", f"**{verdict}**" if "NEGATIVE" in verdict else verdict]
+    from jobs.sweep import describe_summary
+
+    result = [line for line in describe_summary(summary) if not line.startswith("no trial")]
+    if result:
+        lines += ["", "## Result", "", *[f"- {line}" for line in result]]
+    rung_rows = rung_counts(meta, rows)
+    if rung_rows:
+        rungs = meta.get("rungs", [])
+        lines += [
+            "",
+            "## Rungs",
+            "",
+            f"Trials of each {meta.get('stratify_by') or 'kind'} that reached each rung "
+            f"(evaluations of {meta['eval_every']} steps; scheduler {meta.get('scheduler', 'asha')}):",
+            "",
+            "| " + " | ".join(["stratum", *[f"eval {r}" for r in rungs], "complete"]) + " |",
+            "|" + "---|" * (len(rungs) + 2),
+            *["| " + " | ".join(map(str, row)) + " |" for row in rung_rows],
+        ]
     lines += ["", "## Trials", ""]
     header = _table_header(objectives, params)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -246,6 +246,12 @@ def trial_base(cfg: FinetuneConfig) -> FinetuneConfig:
     )
 
 
+def full_base(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``trial_base`` at the full train.max_steps (retrained best, baselines), exported
+    as the user asked."""
+    return dataclasses.replace(trial_base(cfg), train=cfg.train, run=cfg.run)
+
+
 def describe(params: dict[str, Any]) -> str:
     return " ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()

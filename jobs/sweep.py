@@ -49,7 +49,18 @@ console = Console(highlight=False, soft_wrap=True)
 # What a trial's driver function holds: no CPU (it only waits on its gang), some memory.
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {"CPU": 0, "memory": 256 * 1024**2}
 # Sweep settings that do not change what is searched: they stay out of the sweep's name.
-_NOT_IN_NAME = ("num_trials", "max_concurrent", "storage", "study", "baseline")
+_NOT_IN_NAME = (
+    "num_trials",
+    "max_concurrent",
+    "storage",
+    "study",
+    "baseline",
+    "budget",
+    "retrain_best",
+    "scratch_lr_mults",
+    "probe_lr_mults",
+    "weak_transfer_margin",
+)
 
 
 @dataclasses.dataclass
@@ -86,6 +97,20 @@ def check(cfg: FinetuneConfig) -> tuple[dict[str, ParamSpec], int]:
     facts = preflight(cfg)
     space = space_lib.check_space(cfg, num_blocks=facts.num_blocks)
     evals = space_lib.evaluations(cfg)
+    if sweep.scheduler == "stratified" and sweep.stratify_by is not None:
+        if sweep.stratify_by not in space:
+            raise ConfigError(
+                "sweep.stratify_by",
+                f"{sweep.stratify_by!r} is not a parameter of the space; allowed: "
+                f"{', '.join(space)} or null (one stratum)",
+            )
+    trial_steps = space_lib.trial_base(cfg).train.max_steps
+    if sweep.budget is not None and sweep.budget < trial_steps:
+        raise ConfigError(
+            "sweep.budget",
+            f"{sweep.budget} steps do not cover one trial of {trial_steps} steps; "
+            f"allowed: >= {trial_steps}",
+        )
     if sweep.max_t is not None and sweep.max_t > evals:
         raise ConfigError(
             "sweep.max_t",
@@ -137,11 +162,15 @@ class StudySearcher(Searcher):  # type: ignore[misc]
         sweep_dir: Path,
         progress: Progress,
         stop_run: Callable[[str], None] = lambda run_dir: None,
+        *,
+        eval_every: int = 1,
+        trial_steps: int = 1,
     ) -> None:
         super().__init__(metric=sweep.objectives[0].metric, mode=sweep.objectives[0].mode)
         self.sweep, self.space, self.study = sweep, space, study
         self.driver, self.sweep_dir, self.progress = driver, sweep_dir, progress
         self.stop_run = stop_run  # a trial stopped from outside: its gang moves on
+        self.eval_every, self.trial_steps = eval_every, trial_steps  # for sweep.budget
         self.live: dict[str, Any] = {}
         self.curves: dict[str, list[list[float]]] = {}
 
@@ -165,6 +194,11 @@ class StudySearcher(Searcher):  # type: ignore[misc]
         optuna.storages.fail_stale_trials(study)
         if not study_lib.queued(study) and study_lib.budget_used(study) >= sweep.num_trials:
             return Searcher.FINISHED
+        if sweep.budget is not None:
+            spent, running = steps_used(study, self.eval_every, self.trial_steps)
+            if spent + running + self.trial_steps > sweep.budget:
+                # Pruning a running trial may make room; with none running it never will.
+                return None if self.live else Searcher.FINISHED
         # Claimed before anything else: a driver killed between ask() and these writes
         # would leave a RUNNING trial nobody owns (the "asking" mark in the driver file
         # lets the next driver reclaim it).
@@ -306,10 +340,24 @@ def _trial(
 def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 
+    from jobs.schedulers import StratifiedASHA
+
     sweep = cfg.sweep
     assert sweep is not None
+    max_t = min(sweep.max_t or evals, evals)
     if sweep.scheduler == "none":
         return FIFOScheduler()
+    if sweep.scheduler == "stratified":
+        return StratifiedASHA(
+            metric=sweep.objectives[0].metric,
+            mode=sweep.objectives[0].mode,
+            time_attr="evals",
+            grace_period=sweep.grace_period,
+            reduction_factor=sweep.reduction_factor,
+            max_t=max_t,
+            min_peers=sweep.min_peers,
+            stratify_by=sweep.stratify_by,
+        )
     # Trials end by themselves after their last evaluation (stop_last_trials=False), so
     # a finished trial always reaches its final report and is told COMPLETE.
     return AsyncHyperBandScheduler(
@@ -318,10 +366,21 @@ def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:
         mode=sweep.objectives[0].mode,
         grace_period=sweep.grace_period,
         reduction_factor=sweep.reduction_factor,
-        max_t=min(sweep.max_t or evals, evals),
+        max_t=max_t,
         brackets=1 if sweep.scheduler == "asha" else sweep.hyperband_brackets,
         stop_last_trials=False,
     )
+
+
+def rungs(cfg: FinetuneConfig, evals: int) -> list[int]:
+    """The scheduler's rungs in evaluations (none without pruning)."""
+    from jobs.schedulers import milestones
+
+    sweep = cfg.sweep
+    assert sweep is not None
+    if sweep.scheduler == "none":
+        return []
+    return milestones(sweep.grace_period, sweep.reduction_factor, min(sweep.max_t or evals, evals))
 
 
 # --------------------------------------------------------------------------- driver
@@ -395,6 +454,12 @@ def run(
                 "evals_per_trial": evals,
                 "eval_every": base.train.eval_every,
                 "num_trials": sweep.num_trials,
+                "scheduler": sweep.scheduler,
+                "stratify_by": sweep.stratify_by if sweep.scheduler == "stratified" else None,
+                "rungs": rungs(cfg, evals),
+                "budget": sweep.budget,
+                "trial_steps": base.train.max_steps,
+                "full_steps": cfg.train.max_steps,
             },
             indent=2,
         )
@@ -444,6 +509,8 @@ def run(
                     sweep_dir,
                     progress,
                     **({"stop_run": stop_run} if stop_run else {}),
+                    eval_every=base.train.eval_every,
+                    trial_steps=base.train.max_steps,
                 )
                 tuner = tune.Tuner(
                     tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
@@ -465,10 +532,18 @@ def run(
             console.print(f"graft: the study already holds its {sweep.num_trials} trials")
 
         best = best_trial(study)
+        retrained = retrain_best(cfg, space, best, sweep_dir, pools) if best else None
         baselines = run_baselines(cfg, space, best, sweep_dir, pools) if best else {}
     finally:
         pools.close()
-    summary = summarize(cfg, best, baselines)
+    summary = summarize(
+        cfg,
+        best,
+        baselines,
+        retrained=retrained,
+        spent=steps_used(study, base.train.eval_every, base.train.max_steps)[0],
+        complete=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+    )
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary, time.time() - started)
     report_dir = None
@@ -492,51 +567,130 @@ def best_trial(study: Any) -> Any:
     return max(complete, key=lambda t: sign * t.values[0])
 
 
+def steps_used(study: Any, eval_every: int, trial_steps: int) -> tuple[int, int]:
+    """(training steps the ended trials used, steps the running ones may use in all):
+    an ended trial used what its learning curve reached, a running one is counted at
+    full length (sweep.budget never lets a trial start that it could not finish)."""
+    spent = running = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.RUNNING:
+            running += trial_steps
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            curve = t.user_attrs.get("curve", [])
+            reached = int(t.user_attrs.get("step", 0)) or (
+                curve[-1][0] * eval_every if curve else 0
+            )
+            spent += min(reached, trial_steps)
+    return spent, running
+
+
 # --------------------------------------------------------------------------- baselines
 def baseline_config(
-    cfg: FinetuneConfig, space: dict[str, ParamSpec], params: dict[str, Any], kind: str
+    cfg: FinetuneConfig,
+    space: dict[str, ParamSpec],
+    params: dict[str, Any],
+    kind: str,
+    lr_mult: float = 1.0,
 ) -> FinetuneConfig:
-    """The best trial's settings as a reference run. scratch: same architecture, random
-    init, every weight trains (a frozen random backbone would be a strawman); linear_probe:
-    the pretrained backbone frozen, only the head trains."""
-    trial_cfg = space_lib.apply(space_lib.trial_base(cfg), space, params)
+    """The best trial's settings as a reference run at the full train.max_steps, its lr
+    times ``lr_mult``. scratch: same architecture, random init, every weight trains (a
+    frozen random backbone would be a strawman); linear_probe: the pretrained backbone
+    frozen, only the head trains."""
+    trial_cfg = space_lib.apply(space_lib.full_base(cfg), space, params)
+    train = dataclasses.replace(trial_cfg.train, lr=trial_cfg.train.lr * lr_mult)
+    run = dataclasses.replace(trial_cfg.run, export=False)
     if kind == "scratch":
         return dataclasses.replace(
             trial_cfg,
             model=dataclasses.replace(trial_cfg.model, pretrained=False),
             strategy=StrategyConfig(name="full"),
+            train=train,
+            run=run,
         )
-    return dataclasses.replace(trial_cfg, strategy=StrategyConfig(name="feature_extraction"))
+    return dataclasses.replace(
+        trial_cfg, strategy=StrategyConfig(name="feature_extraction"), train=train, run=run
+    )
+
+
+def _write_run(run_dir: Path, cfg: FinetuneConfig, name: str) -> FinetuneConfig:
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    return cfg
+
+
+def retrain_best(
+    cfg: FinetuneConfig, space: dict[str, ParamSpec], best: Any, sweep_dir: Path, pools: _Pools
+) -> dict[str, Any] | None:
+    """The best trial again at the full train.max_steps, into <sweep>/best, when trials
+    ran shorter (sweep.max_t) and sweep.retrain_best; its end record (reused when done)."""
+    assert cfg.sweep is not None
+    if (
+        not cfg.sweep.retrain_best
+        or space_lib.trial_base(cfg).train.max_steps >= cfg.train.max_steps
+    ):
+        return None
+    run_dir = sweep_dir / "best"
+    if _end_record(run_dir) is None:
+        full = _write_run(
+            run_dir, space_lib.apply(space_lib.full_base(cfg), space, best.params), "best"
+        )
+        console.print(
+            f"graft: retraining trial {best.number} at the full {cfg.train.max_steps} steps -> {run_dir}"
+        )
+        pools.get().run_all([(str(run_dir), full, run_dir)])
+    end = _end_record(run_dir)
+    return {**end, "run_dir": str(run_dir)} if end else None
 
 
 def run_baselines(
     cfg: FinetuneConfig, space: dict[str, ParamSpec], best: Any, sweep_dir: Path, pools: _Pools
 ) -> dict[str, dict[str, Any]]:
-    """Run (or reuse, when already finished) the configured baselines on the sweep's
-    gangs, side by side; their end records."""
-    assert cfg.sweep is not None
-    kinds = {"none": [], "both": ["scratch", "linear_probe"]}.get(
-        cfg.sweep.baseline, [cfg.sweep.baseline]
-    )
+    """Run (or reuse, when finished) the configured baselines on the sweep's gangs, side
+    by side: for each kind, one run per lr multiplier (sweep.scratch_lr_mults /
+    probe_lr_mults) at the full budget. Returns, per kind, the end record of the one
+    best on validation, with ``run_dir`` and ``search`` (every lr tried) added."""
+    sweep = cfg.sweep
+    assert sweep is not None
+    kinds = {"none": [], "both": ["scratch", "linear_probe"]}.get(sweep.baseline, [sweep.baseline])
+    runs: dict[str, list[tuple[float, Path]]] = {}
     todo = []
     for kind in kinds:
-        run_dir = sweep_dir / "baselines" / kind
-        if _end_record(run_dir) is None:
-            bcfg = baseline_config(cfg, space, best.params, kind)
-            bcfg = dataclasses.replace(bcfg, run=dataclasses.replace(bcfg.run, name=kind))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config_lib.to_yaml(bcfg))
-            console.print(
-                f"graft: baseline {kind} with trial {best.number}'s settings -> {run_dir}"
-            )
-            todo.append((str(run_dir), bcfg, run_dir))
+        mults = sweep.scratch_lr_mults if kind == "scratch" else sweep.probe_lr_mults
+        for mult in mults:
+            bcfg = baseline_config(cfg, space, best.params, kind, mult)
+            run_dir = sweep_dir / "baselines" / kind / f"lr_{bcfg.train.lr:.3g}"
+            runs.setdefault(kind, []).append((bcfg.train.lr, run_dir))
+            if _end_record(run_dir) is None:
+                todo.append((str(run_dir), _write_run(run_dir, bcfg, f"{kind}-{mult:g}"), run_dir))
+        lrs = ", ".join(f"{lr:.3g}" for lr, _ in runs[kind])
+        console.print(f"graft: baseline {kind}: trial {best.number}'s settings at lr {lrs}")
     if todo:
         pools.get().run_all(todo)
+    primary = sweep.objectives[0]
+    sign = 1 if primary.mode == "max" else -1
     results: dict[str, dict[str, Any]] = {}
-    for kind in kinds:
-        end = _end_record(sweep_dir / "baselines" / kind)
-        if end is not None:
-            results[kind] = end
+    for kind, tried in runs.items():
+        search = []
+        for lr, run_dir in tried:
+            end = _end_record(run_dir)
+            if end is not None and math.isfinite(end.get(primary.metric, math.nan)):
+                search.append(
+                    {
+                        "lr": lr,
+                        primary.metric: end[primary.metric],
+                        "run_dir": str(run_dir),
+                        "end": end,
+                    }
+                )
+        if search:
+            chosen = max(search, key=lambda r: sign * r[primary.metric])
+            results[kind] = {
+                **chosen["end"],
+                "lr": chosen["lr"],
+                "run_dir": chosen["run_dir"],
+                "search": [{k: v for k, v in r.items() if k != "end"} for r in search],
+            }
     return results
 
 
@@ -548,61 +702,205 @@ def _test_metrics(end: dict[str, Any] | None) -> dict[str, float]:
     return {k: v for k, v in (end or {}).items() if k.startswith("test_") and isinstance(v, float)}
 
 
+MIN_COMPLETE = 3  # fewer complete trials than this: the ranking means little
+
+
 def summarize(
-    cfg: FinetuneConfig, best: Any, baselines: dict[str, dict[str, Any]]
+    cfg: FinetuneConfig,
+    best: Any,
+    baselines: dict[str, dict[str, Any]],
+    *,
+    retrained: dict[str, Any] | None = None,
+    spent: int | None = None,
+    complete: int | None = None,
 ) -> dict[str, Any]:
-    assert cfg.sweep is not None
-    primary = cfg.sweep.objectives[0]
+    """The sweep's result: the best trial (chosen on validation; its test score only
+    reported), its retrained run, the baselines, the transfer gain against scratch on
+    validation and, on the held-out split, with a paired-bootstrap 95% interval, and
+    the compute spent in full-run equivalents."""
+    sweep = cfg.sweep
+    assert sweep is not None
+    primary = sweep.objectives[0]
     summary: dict[str, Any] = {"metric": primary.metric, "mode": primary.mode, "best": None}
+    full_steps = cfg.train.max_steps
+    if spent is not None:
+        summary["compute"] = {
+            "trial_steps": spent,
+            "full_run_steps": full_steps,
+            "trial_full_runs": spent / full_steps,
+            "budget": sweep.budget,
+            "retrain_full_runs": 1.0 if retrained else 0.0,
+            "baseline_full_runs": float(sum(len(b.get("search", [1])) for b in baselines.values())),
+        }
+    if complete is not None and complete < MIN_COMPLETE:
+        summary["warning"] = (
+            f"only {complete} trial(s) completed: too few for the ranking to mean much "
+            f"(raise sweep.num_trials / sweep.budget, or sweep.min_peers)"
+        )
     if best is None:
         return summary
     summary["best"] = {"number": best.number, "values": best.values, "params": best.params}
-    # Chosen on validation; its test score (when there is a test split) is only reported.
-    end = (
-        _end_record(Path(best.user_attrs.get("run_dir", "")))
-        if best.user_attrs.get("run_dir")
-        else None
-    )
+    run_dir = best.user_attrs.get("run_dir")
+    end = _end_record(Path(run_dir)) if run_dir else None
     summary["best"]["test"] = _test_metrics(end)
+    reference, reference_dir = best.values[0], run_dir
+    if retrained is not None:
+        summary["retrained"] = {
+            primary.metric: retrained.get(primary.metric),
+            "step": retrained.get("step"),
+            "test": _test_metrics(retrained),
+            "run_dir": retrained.get("run_dir"),
+        }
+        if primary.metric in retrained:  # the baselines train as long as the retrained best
+            reference, reference_dir = retrained[primary.metric], retrained.get("run_dir")
     sign = 1 if primary.mode == "max" else -1
     summary["baselines"] = {k: v.get(primary.metric) for k, v in baselines.items()}
     summary["baselines_test"] = {k: _test_metrics(v) for k, v in baselines.items()}
-    if "scratch" in baselines and primary.metric in baselines["scratch"]:
-        gain = sign * (best.values[0] - baselines["scratch"][primary.metric])
-        margin = cfg.sweep.negative_transfer_margin
+    summary["baselines_lr"] = {k: v.get("lr") for k, v in baselines.items() if "lr" in v}
+    summary["baselines_search"] = {k: v["search"] for k, v in baselines.items() if "search" in v}
+    scratch = baselines.get("scratch")
+    if scratch and primary.metric in scratch:
+        gain = sign * (reference - scratch[primary.metric])
+        margin = sweep.negative_transfer_margin
         summary["transfer_gain"] = gain
         summary["negative_transfer"] = gain < margin if margin > 0 else gain <= 0
+        summary["weak_transfer"] = (
+            not summary["negative_transfer"] and gain < sweep.weak_transfer_margin
+        )
         summary["margin"] = margin
+        summary["weak_margin"] = sweep.weak_transfer_margin
+        if reference_dir and scratch.get("run_dir"):
+            held_out = bootstrap_gain(
+                cfg, Path(reference_dir), Path(scratch["run_dir"]), primary.metric, sign
+            )
+            if held_out is not None:
+                summary["transfer_gain_held_out"] = held_out
     return summary
+
+
+def bootstrap_gain(
+    cfg: FinetuneConfig,
+    run_a: Path,
+    run_b: Path,
+    metric: str,
+    sign: int,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any] | None:
+    """Run a minus run b on the held-out split (test, else validation) they were both
+    scored on, example by example: the gain and its paired-bootstrap 95% interval."""
+    import torch
+
+    from jobs import tasks
+    from jobs.worker import EXAMPLE_SUMS
+
+    for split in ("test", "eval"):
+        a_path, b_path = (r / EXAMPLE_SUMS.format(split=split) for r in (run_a, run_b))
+        if a_path.is_file() and b_path.is_file():
+            break
+    else:
+        return None
+    a, b = torch.load(a_path), torch.load(b_path)
+    if a.shape[0] != b.shape[0]:
+        return None
+    task = tasks.get(cfg.model)
+    key = metric.replace("eval_", f"{split}_", 1)
+
+    def score(sums: torch.Tensor, rows: torch.Tensor) -> float:
+        return float(task.metrics(sums[rows].sum(0), split)[key])
+
+    everyone = torch.arange(a.shape[0])
+    gain = sign * (score(a, everyone) - score(b, everyone))
+    generator = torch.Generator().manual_seed(seed)
+    draws = sorted(
+        sign * (score(a, rows) - score(b, rows))
+        for rows in (
+            torch.randint(0, a.shape[0], (a.shape[0],), generator=generator)
+            for _ in range(resamples)
+        )
+    )
+    low, high = draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+    return {"split": split, "metric": key, "gain": gain, "ci95": [low, high], "n": int(a.shape[0])}
+
+
+def describe_summary(summary: dict[str, Any]) -> list[str]:
+    """The summary as lines of text (the driver prints them; the report reuses them)."""
+    lines = []
+    metric = summary["metric"]
+    if summary.get("warning"):
+        lines.append(f"warning: {summary['warning']}")
+    best = summary.get("best")
+    if best is None:
+        return [*lines, "no trial completed"]
+    if best.get("test"):
+        lines.append(
+            "best trial on the test split: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in best["test"].items())
+        )
+    retrained = summary.get("retrained")
+    if retrained and retrained.get(metric) is not None:
+        test = ", ".join(f"{k} {v:.4g}" for k, v in retrained["test"].items())
+        lines.append(
+            f"best retrained at the full {retrained['step']} steps: {metric} {retrained[metric]:.4g}"
+            + (f"; test {test}" if test else "")
+        )
+    for kind, value in summary.get("baselines", {}).items():
+        if value is not None:
+            lr = summary.get("baselines_lr", {}).get(kind)
+            tried = len(summary.get("baselines_search", {}).get(kind, []))
+            scores = summary.get("baselines_test", {}).get(kind) or {}
+            lines.append(
+                f"baseline {kind}: {metric} {value:.4g}"
+                + (f" (best of {tried} lrs: {lr:.3g})" if lr is not None else "")
+                + (
+                    f"; test {', '.join(f'{k} {v:.4g}' for k, v in scores.items())}"
+                    if scores
+                    else ""
+                )
+            )
+    if "transfer_gain" in summary:
+        held = summary.get("transfer_gain_held_out")
+        lines.append(
+            f"transfer gain (best pretrained - scratch) on {metric}: {summary['transfer_gain']:+.4g}"
+            + (
+                f"; on {held['split']} ({held['n']} examples) {held['metric']} {held['gain']:+.4g}, "
+                f"95% CI [{held['ci95'][0]:+.4g}, {held['ci95'][1]:+.4g}]"
+                if held
+                else ""
+            )
+        )
+        if summary["negative_transfer"]:
+            lines.append(
+                f"NEGATIVE TRANSFER: the pretrained model does not beat random init by the "
+                f"margin {summary['margin']:g} on {metric}"
+            )
+        elif summary.get("weak_transfer"):
+            lines.append(
+                f"WEAK TRANSFER: the pretrained model beats random init by less than "
+                f"{summary['weak_margin']:g} on {metric}"
+            )
+    compute = summary.get("compute")
+    if compute:
+        lines.append(
+            f"compute: trials {compute['trial_steps']} steps = {compute['trial_full_runs']:.2f} full runs "
+            f"of {compute['full_run_steps']}"
+            + (f" (budget {compute['budget']})" if compute.get("budget") else "")
+            + f", retrain {compute['retrain_full_runs']:g}, baselines {compute['baseline_full_runs']:g}"
+        )
+    return lines
 
 
 def _print_summary(summary: dict[str, Any], elapsed: float) -> None:
     best = summary.get("best")
-    if best is None:
-        console.print("graft: no trial completed")
-        return
-    metric = summary["metric"]
-    console.print(
-        f"graft: best trial {best['number']}: {metric} {best['values'][0]:.4g} "
-        f"({space_lib.describe(best['params'])}); {elapsed:.0f}s"
-    )
-    if best.get("test"):
+    if best is not None:
         console.print(
-            "graft: best trial on the test split: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in best["test"].items())
+            f"graft: best trial {best['number']}: {summary['metric']} {best['values'][0]:.4g} "
+            f"({space_lib.describe(best['params'])}); {elapsed:.0f}s"
         )
-    for kind, value in summary.get("baselines", {}).items():
-        if value is not None:
-            console.print(f"graft: baseline {kind}: {metric} {value:.4g}")
-    if "transfer_gain" in summary:
-        console.print(
-            f"graft: transfer gain (best pretrained - scratch): {summary['transfer_gain']:+.4g}"
-        )
-        if summary["negative_transfer"]:
-            console.print(
-                f"[bold red]graft: NEGATIVE TRANSFER[/bold red]: the pretrained model does not beat "
-                f"random init by the margin {summary['margin']:g} on {metric}"
-            )
+    for line in describe_summary(summary):
+        style = "bold red" if line.startswith(("NEGATIVE", "WEAK", "warning")) else ""
+        console.print(f"graft: [{style}]{line}[/{style}]" if style else f"graft: {line}")
 
 
 # --------------------------------------------------------------------------- entry point

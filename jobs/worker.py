@@ -445,6 +445,8 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "global_batch": engine_lib.global_batch_size(cfg.train, run.world),
                 "config_digest": run.digest,
                 "num_phases": len(run.phases),
+                # from the run's start (a pool: its submission) to its engine, ready to train
+                "startup_s": time.time() - run.started,
             }
         )
         if cfg.train.eval_at_start:
@@ -652,6 +654,27 @@ def save_checkpoint(run: Run, engine: Any, state: State) -> None:
 
 
 # --------------------------------------------------------------------------- finish
+EXAMPLE_SUMS = "example_sums_{split}.pt"
+
+
+def _save_example_sums(run: Run, mine: list[torch.Tensor], split: str) -> None:
+    """<run>/example_sums_<split>.pt: one row of eval sums per example, in the split's
+    order (rank r's k-th example is example r + k * world)."""
+    gathered: list[Any] = [mine]
+    if torch.distributed.is_initialized() and run.world > 1:
+        gathered = [None] * run.world
+        torch.distributed.all_gather_object(gathered, mine)
+    if run.rank != 0:
+        return
+    rows: dict[int, torch.Tensor] = {}
+    for r, part in enumerate(gathered):
+        for k, row in enumerate(part):
+            rows[r + k * run.world] = row.cpu()
+    if rows:
+        table = torch.stack([rows[i] for i in sorted(rows)])
+        torch.save(table, run.run_dir / EXAMPLE_SUMS.format(split=split))
+
+
 def finish(run: Run, current: PhaseEngine, state: State) -> None:
     """The best weights back (early stopping), the final and test evaluation, the
     export, and the run's result reported to Ray."""
@@ -663,15 +686,32 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
         best_dir = run.run_dir / CHECKPOINTS / ckpt.dir_name(state.best_step)
         ckpt.load(engine, best_dir, rank=run.rank, world_size=run.world)
     engine.eval()
+    # Each held-out example's own sums (the test split, else validation), for the
+    # sweep's paired bootstrap of a difference between two runs.
+    examples: list[torch.Tensor] = []
     final: dict[str, Any] = {
-        **evaluate(engine, run.eval_batches, task=run.task, confusion=True),
+        **evaluate(
+            engine,
+            run.eval_batches,
+            task=run.task,
+            confusion=True,
+            per_example=None if run.test_batches else examples,
+        ),
         "trainable_params": current.trainable,
         "train_time_s": state.train_time_s,
     }
     if run.test_batches:
         final.update(
-            evaluate(engine, run.test_batches, task=run.task, prefix="test", confusion=True)
+            evaluate(
+                engine,
+                run.test_batches,
+                task=run.task,
+                prefix="test",
+                confusion=True,
+                per_example=examples,
+            )
         )
+    _save_example_sums(run, examples, "test" if run.test_batches else "eval")
     run.log.log(
         {
             "event": "end",

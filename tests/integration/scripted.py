@@ -5,7 +5,9 @@ trial's parameters instead of trained (a trial takes about a second, not 20-30 s
     python -m tests.integration.scripted [graft sweep overrides]    # a scripted driver
 
 A trial's curve: eval_loss = (1 + |log10(lr / 1e-2)|) * (1 + 3 / evals), so trials
-nearer lr=1e-2 are better at every evaluation. Each evaluation writes a checkpoint
+nearer lr=1e-2 are better at every evaluation; strategy=lora is a slow starter,
+(1 + |log10(lr / 1e-2)|) * (0.5 + 5 / evals^2): behind every other strategy at the
+first evaluation, ahead of all of them from the second. Each evaluation writes a checkpoint
 marker under the trial's run directory and, on a rerun in the same directory (a
 re-queued trial), the trial resumes after its last one and logs a "resume" event, as a
 fine-tuning run does.
@@ -35,8 +37,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 SECONDS_PER_STEP = 0.25
 
 
-def curve(lr: float, evals: int) -> float:
-    return (1 + abs(math.log10(lr / 1e-2))) * (1 + 3 / evals)
+def curve(lr: float, evals: int, strategy: str = "full") -> float:
+    scale = 1 + abs(math.log10(lr / 1e-2))
+    if strategy == "lora":
+        return scale * (0.5 + 5 / evals**2)
+    return scale * (1 + 3 / evals)
 
 
 def trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, ParamSpec]) -> None:
@@ -57,13 +62,17 @@ def trial(config: dict[str, Any], *, base: FinetuneConfig, space: dict[str, Para
     lr = float(cfg.train.lr)
     for e in range(start + 1, evals + 1):
         time.sleep(SECONDS_PER_STEP * every)
-        value = curve(lr, e)
+        value = curve(lr, e, cfg.strategy.name)
         marker = run_dir / "checkpoints" / f"step_{e * every:08d}"
         marker.mkdir(parents=True, exist_ok=True)
         (marker / "COMMITTED.rank0").touch()
         log.log({"step": e * every, "eval_loss": value})
         tune.report({"evals": e, "eval_loss": value, "step": e * every})
-    end = {"eval_loss": curve(lr, evals), "trainable_params": 1000, "train_time_s": 0.0}
+    end = {
+        "eval_loss": curve(lr, evals, cfg.strategy.name),
+        "trainable_params": 1000,
+        "train_time_s": 0.0,
+    }
     log.log({"event": "end", "step": evals * every, **end})
     log.close()
     tune.report({**end, "evals": evals, "step": evals * every, "final": 1})

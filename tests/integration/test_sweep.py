@@ -80,6 +80,7 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
             tmp_path,
             "sweep.num_trials=6",
             "sweep.max_concurrent=2",
+            "sweep.scheduler=asha",  # every trial against all (the stratified rule: below)
             "sweep.grace_period=1",
             "sweep.reduction_factor=2",
             f"sweep.enqueue=[{good},{also_good},{bad}]",
@@ -133,9 +134,22 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
     summary = json.loads((result.sweep_dir / "summary.json").read_text())
     best = study.best_trial
     assert summary["best"]["number"] == best.number
-    scratch = runlog.read(result.sweep_dir / "baselines" / "scratch")
-    assert scratch[-1]["event"] == "end"
+    # Scratch searched its own lr (the best trial's x 1, 3, 10) at the same budget; the
+    # gain is against the best of those, and the per-example sums of the two runs
+    # reproduce it exactly (the bootstrap's basis).
+    search = summary["baselines_search"]["scratch"]
+    assert [r["lr"] for r in search] == pytest.approx([best.params["lr"] * m for m in (1, 3, 10)])
+    chosen = min(search, key=lambda r: r["eval_loss"])
+    scratch = runlog.read(Path(chosen["run_dir"]))
+    assert scratch[-1]["event"] == "end" and scratch[-1]["step"] == 12
+    assert summary["baselines_lr"]["scratch"] == chosen["lr"]
     assert summary["transfer_gain"] == pytest.approx(scratch[-1]["eval_loss"] - best.value)
+    held_out = summary["transfer_gain_held_out"]
+    assert held_out["split"] == "eval" and held_out["gain"] == pytest.approx(
+        summary["transfer_gain"], rel=1e-6
+    )
+    low, high = held_out["ci95"]
+    assert low <= held_out["gain"] <= high
 
     # Report: files, plots, the best trial named.
     report = result.report_dir
@@ -174,6 +188,7 @@ def test_two_worker_trials_multi_objective(data_dir: Path, tmp_path: Path) -> No
             "sweep.num_trials=1",
             "sweep.max_concurrent=2",
             "sweep.scheduler=none",
+            "sweep.max_t=2",  # trials train 8 of the 12 steps; the best is retrained at 12
             "sweep.objectives=[{metric:eval_loss,mode:min},{metric:trainable_params,mode:min}]",
         ),
         config_name="sweep",
@@ -193,9 +208,16 @@ def test_two_worker_trials_multi_objective(data_dir: Path, tmp_path: Path) -> No
         expected = space_lib.apply(space_lib.trial_base(cfg), space, t.params)
         expected.run.name = str(t.number)
         assert start["config_digest"] == config_digest(expected)
-    assert (
-        result.report_dir is not None
-    )  # (a many-trial front is drawn in tests/unit/test_sweep.py)
+    # The best trial retrained at the full budget, on the same 2-worker gang; the best
+    # config file is that run's.
+    summary = json.loads((result.sweep_dir / "summary.json").read_text())
+    assert summary["retrained"]["step"] == 12 and study.get_trials()[0].user_attrs["step"] == 8
+    end = runlog.read(result.sweep_dir / "best")[-1]
+    assert end["event"] == "end" and summary["retrained"]["eval_loss"] == end["eval_loss"]
+    assert result.report_dir is not None
+    assert "max_steps: 12" in (result.report_dir / "best.yaml").read_text()
+    assert "best retrained at the full 12 steps" in (result.report_dir / "report.md").read_text()
+    # (a many-trial front is drawn in tests/unit/test_sweep.py)
     assert (result.report_dir / "pareto.png").read_bytes().startswith(PNG)
     assert "0 (Pareto)" in (result.report_dir / "report.md").read_text()
 
@@ -383,3 +405,61 @@ def test_asha_on_scripted_curves_prunes_the_worse_and_keeps_the_budget(
         if t.state == TrialState.PRUNED:
             assert t.user_attrs["stopped_at_eval"] < 3
             assert t.intermediate_values[1] == pytest.approx(scripted.curve(t.params["lr"], 1))
+
+
+def _slow_starter_sweep(data_dir: Path, tmp_path: Path, *extra: str) -> Any:
+    """Two full-fine-tuning trials, then two LoRA trials that start behind and end
+    ahead (scripted.curve), one at a time."""
+    points = [("full", 1e-2), ("full", 3e-3), ("lora", 1e-2), ("lora", 3e-3)]
+    cfg = compose(
+        _overrides(
+            data_dir,
+            tmp_path,
+            "sweep.num_trials=4",
+            "sweep.max_concurrent=1",
+            "sweep.grace_period=1",
+            "sweep.reduction_factor=2",
+            "sweep.enqueue=["
+            + ",".join(f"{{strategy:{s},lr:{lr},lr_ratio:1.0}}" for s, lr in points)
+            + "]",
+            *extra,
+        ),
+        config_name="sweep",
+    )
+    result = sweep(cfg, show_progress=False, trial=scripted.trial)
+    return result, _trials(result.sweep_dir).get_trials()
+
+
+def test_stratified_halving_keeps_the_slow_starter_that_wins(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    result, trials = _slow_starter_sweep(data_dir, tmp_path / "stratified")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert result.best is not None and trials[result.best["number"]].params["strategy"] == "lora"
+    assert result.best["values"][0] == pytest.approx(scripted.curve(1e-2, 3, "lora"))
+    # The report says how many trials of each strategy reached each rung.
+    md = (result.report_dir / "report.md").read_text()
+    assert "## Rungs" in md and "| full | 2 | 2 | 2 |" in md and "| lora | 2 | 2 | 2 |" in md
+
+
+def test_plain_asha_prunes_the_slow_starter_and_the_budget_caps_the_steps(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Ray's ASHA compares every trial with all at the first rung: it prunes the second
+    full trial behind the first and both LoRA trials (the winner is lost), leaving one
+    complete trial, which the summary warns about. sweep.budget=30 steps: a trial
+    starts only when the steps left cover it in full, so after 12 + 4 + 4 steps the
+    fourth (20 + 12 > 30) never starts."""
+    result, trials = _slow_starter_sweep(
+        data_dir, tmp_path / "asha", "sweep.scheduler=asha", "sweep.budget=30"
+    )
+    complete, pruned, waiting = TrialState.COMPLETE, TrialState.PRUNED, TrialState.WAITING
+    assert [t.state for t in trials] == [complete, pruned, pruned, waiting]  # 4th left queued
+    assert [t.user_attrs["stopped_at_eval"] for t in trials[1:3]] == [1, 1]
+    assert result.best is not None and result.best["number"] == 0  # a full trial
+    summary = json.loads((result.sweep_dir / "summary.json").read_text())
+    assert summary["compute"]["trial_steps"] == 12 + 4 + 4 <= 30
+    assert summary["compute"]["trial_full_runs"] == pytest.approx(20 / 12)
+    assert "only 1 trial(s) completed" in summary["warning"]
+    md = (result.report_dir / "report.md").read_text()
+    assert "compute: trials 20 steps" in md and "too few for the ranking" in md

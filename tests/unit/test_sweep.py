@@ -54,6 +54,8 @@ def _cfg(data_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
         ("+sweep.enqueue=[{depth:2}]", "sweep.enqueue[0].depth"),
         ("+sweep.enqueue=[{lr:5.0}]", "sweep.enqueue[0].lr"),
         ("sweep.max_t=4", "sweep.max_t"),  # a trial makes only 2 evaluations
+        ("sweep.stratify_by=strategyy", "sweep.stratify_by"),  # not a parameter
+        ("sweep.budget=11", "sweep.budget"),  # less than one 12-step trial
     ],
 )
 def test_bad_spaces_are_rejected_with_the_key(data_dir: Path, override: str, key: str) -> None:
@@ -75,6 +77,11 @@ def test_bad_spaces_are_rejected_with_the_key(data_dir: Path, override: str, key
         ("sweep.objectives=[{metric:bleu,mode:max}]", "sweep.objectives[0].metric"),
         ("sweep.objectives=[{metric:trainable_params,mode:min}]", "sweep.objectives[0].metric"),
         ("sweep.objectives=[{metric:eval_loss,mode:down}]", "sweep.objectives[0].mode"),
+        ("sweep.budget=0", "sweep.budget"),
+        ("sweep.min_peers=-1", "sweep.min_peers"),
+        ("sweep.scratch_lr_mults=[]", "sweep.scratch_lr_mults"),
+        ("sweep.probe_lr_mults=[1,-3]", "sweep.probe_lr_mults"),
+        ("sweep.weak_transfer_margin=-0.1", "sweep.weak_transfer_margin"),
     ],
 )
 def test_bad_sweep_settings_are_rejected_when_composed(
@@ -456,3 +463,84 @@ def test_the_driver_marks_an_ask_in_its_file_while_it_lasts(tmp_path: Path) -> N
         with driver.asking():
             assert "asking" in json.loads(driver.path.read_text())
         assert "asking" not in json.loads(driver.path.read_text())
+
+
+def test_steps_used_counts_what_ended_trials_trained_and_running_ones_in_full() -> None:
+    from jobs.sweep import steps_used
+
+    study = optuna.create_study(direction="minimize")
+    done = study.ask()
+    done.set_user_attr("step", 12)
+    study.tell(done, 1.0)
+    pruned = study.ask()
+    pruned.set_user_attr("curve", [[1, 2.0]])  # stopped at its first evaluation (4 steps)
+    study.tell(pruned, state=TrialState.PRUNED)
+    study.ask()  # running
+    assert steps_used(study, eval_every=4, trial_steps=12) == (16, 12)
+
+
+def test_the_summary_carries_the_retrained_best_weak_transfer_and_compute(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    best = SimpleNamespace(number=2, values=[0.70], params={"lr": 0.01}, user_attrs={})
+    cfg = _cfg(data_dir, "sweep.objectives=[{metric:eval_accuracy,mode:max}]")
+    retrained = {"eval_accuracy": 0.80, "step": 12, "test_accuracy": 0.78, "run_dir": None}
+    scratch = {"eval_accuracy": 0.79, "lr": 0.03, "search": [{"lr": 0.01}, {"lr": 0.03}]}
+    summary = summarize(cfg, best, {"scratch": scratch}, retrained=retrained, spent=30, complete=2)
+    # the gain is measured against the retrained best (the baselines' budget)
+    assert summary["transfer_gain"] == pytest.approx(0.01)
+    assert summary["weak_transfer"] is True and summary["negative_transfer"] is False
+    assert summary["retrained"]["test"] == {"test_accuracy": 0.78}
+    assert summary["baselines_lr"] == {"scratch": 0.03}
+    assert summary["compute"]["trial_full_runs"] == pytest.approx(30 / 12)
+    assert summary["compute"]["baseline_full_runs"] == 2
+    assert "only 2 trial(s) completed" in summary["warning"]
+    from jobs.sweep import describe_summary
+
+    text = "\n".join(describe_summary(summary))
+    assert "WEAK TRANSFER" in text and "best of 2 lrs: 0.03" in text and "2.50 full runs" in text
+
+
+def _example_sums(run_dir: Path, correct: list[int]) -> None:
+    """A classification run's per-example sums for 2 labels: [loss, count, correct, 2x2]."""
+    import torch
+
+    from jobs.worker import EXAMPLE_SUMS
+
+    rows = []
+    for c in correct:
+        confusion = [1.0, 0.0, 0.0, 0.0] if c else [0.0, 1.0, 0.0, 0.0]
+        rows.append(torch.tensor([0.5, 1.0, float(c), *confusion], dtype=torch.float64))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.stack(rows), run_dir / EXAMPLE_SUMS.format(split="test"))
+
+
+def test_the_bootstrap_interval_of_a_gain(data_dir: Path, tmp_path: Path) -> None:
+    from jobs.sweep import bootstrap_gain
+
+    cfg = _cfg(data_dir)
+    n = 400
+    _example_sums(tmp_path / "a", [1 if i % 10 < 8 else 0 for i in range(n)])  # 0.8
+    _example_sums(tmp_path / "b", [1 if i % 10 < 6 else 0 for i in range(n)])  # 0.6
+    gain = bootstrap_gain(cfg, tmp_path / "a", tmp_path / "b", "eval_accuracy", 1)
+    assert gain is not None and gain["split"] == "test" and gain["n"] == n
+    assert gain["gain"] == pytest.approx(0.2)
+    low, high = gain["ci95"]
+    assert 0.1 < low < 0.2 < high < 0.3  # paired: the interval is tight around 0.2
+    same = bootstrap_gain(cfg, tmp_path / "a", tmp_path / "a", "eval_accuracy", 1)
+    assert same is not None and same["gain"] == 0 and same["ci95"] == [0, 0]
+    assert bootstrap_gain(cfg, tmp_path / "a", tmp_path / "missing", "eval_accuracy", 1) is None
+
+
+def test_baselines_search_their_own_lr_at_the_full_budget(data_dir: Path) -> None:
+    from jobs.sweep import baseline_config
+
+    cfg = _cfg(data_dir, "sweep.max_t=1")  # trials train 6 of the 12 steps
+    space, _ = check(cfg)
+    assert space_lib.trial_base(cfg).train.max_steps == 6
+    best = {"strategy": "full", "lr": 2e-3, "lr_ratio": 1.0}
+    scratch = baseline_config(cfg, space, best, "scratch", 10.0)
+    assert scratch.train.lr == pytest.approx(2e-2) and scratch.train.max_steps == 12
+    assert scratch.run.export is False
