@@ -48,8 +48,10 @@ lint: install
 # Each writes runs/bench/<name>.json and <name>.md; ~1 h in all on 2 cores.
 bench: bench-transfer bench-overhead bench-memory bench-pruning
 
+# Two real tasks: WordNet supersenses (+ SmolLM2 LoRA) and stdlib docstrings by area.
 bench-transfer: install-models
-	$(PY) tests/benchmarks/bench_transfer.py
+	$(PY) tests/benchmarks/bench_transfer.py --task wordnet
+	$(PY) tests/benchmarks/bench_transfer.py --task stdlib_docs
 
 bench-overhead: install
 	$(PY) tests/benchmarks/bench_overhead.py

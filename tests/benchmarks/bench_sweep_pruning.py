@@ -1,13 +1,18 @@
-"""Pruning efficiency of `graft sweep`: the same trials with ASHA and without pruning.
+"""Pruning efficiency of `graft sweep`: the same trials under Ray's ASHA, the stratified
+rule (graft's default) and no pruning, and what one trial's start-up costs.
 
     python tests/benchmarks/bench_sweep_pruning.py [--trials 8] [--steps 30]   # or: make bench
 
 A small real sweep: MiniLM (real pretrained weights) on the stdlib docstring task, the
 `transfer` space. The trial parameter sets are drawn once (seeded random sampling from
-the space) and enqueued, in the same order, into two studies: one with ASHA (grace 1
-evaluation, reduction factor 2), one with no scheduler. Reported for each: training
-steps used by all trials (a pruned trial counts the steps it trained; resumes do not
-occur here), wall time, the best eval accuracy found and by which trial.
+the space) and enqueued, in the same order, into three studies: ASHA (every trial
+against all; grace 1 evaluation, reduction factor 2), stratified (rungs per strategy,
+min 2 peers) and no scheduler. Reported for each: training steps used by all trials
+(a pruned trial counts the steps it trained; resumes do not occur here), wall time,
+the best eval accuracy found and by which trial, and each trial's start-up: from the
+searcher's ask (Optuna's trial start) to its engine being ready to train (the start
+record in its metrics.jsonl), i.e. Tune's trial actor, the hand-over to a pool gang,
+data, model and DeepSpeed set-up.
 Writes runs/bench/sweep_pruning.json and sweep_pruning.md.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,11 +70,14 @@ def _measure(overrides: list[str], name: str) -> dict[str, object]:
     elapsed = time.time() - started
     meta = json.loads((result.sweep_dir / "sweep.json").read_text())
     study = optuna.load_study(study_name=meta["study"], storage=meta["storage"])
-    steps, states = 0, {}
+    steps, states, startups = 0, {}, []
     for t in study.get_trials():
         records = runlog.read(Path(t.user_attrs["run_dir"]))
         steps += max((r.get("step", 0) for r in records), default=0)
         states[t.state.name] = states.get(t.state.name, 0) + 1
+        start = next((r for r in records if r.get("event") == "start"), None)
+        if start is not None and t.datetime_start is not None:
+            startups.append(start["time"] - t.datetime_start.timestamp())
     best = study.best_trial
     return {
         "trials": len(study.trials),
@@ -78,6 +87,9 @@ def _measure(overrides: list[str], name: str) -> dict[str, object]:
         "best_eval_accuracy": best.value,
         "best_trial": best.number,
         "best_params": best.params,
+        "startup_s": [round(x, 2) for x in startups],
+        "startup_median_s": round(statistics.median(startups), 2) if startups else None,
+        "startup_max_s": round(max(startups), 2) if startups else None,
     }
 
 
@@ -105,32 +117,42 @@ def main() -> None:
     import ray
 
     results = {}
-    for label, scheduler in (("asha", "asha"), ("no pruning", "none")):
+    for label, scheduler in (
+        ("asha", "asha"),
+        ("stratified", "stratified"),
+        ("no pruning", "none"),
+    ):
         results[label] = _measure(
             base + [f"sweep.scheduler={scheduler}"], f"bench-pruning-{scheduler}-{int(time.time())}"
         )
     ray.shutdown()
     asha, fifo = results["asha"], results["no pruning"]
     saved = 1 - asha["train_steps"] / fifo["train_steps"]  # type: ignore[operator]
+    wall_saved = 1 - asha["wall_s"] / fifo["wall_s"]  # type: ignore[operator]
     record = {
         "setup": f"MiniLM on stdlib_docs, transfer space, {args.trials} enqueued trials x {args.steps} steps, "
         f"eval every {args.steps // 3}, {args.concurrent} trials at once, 1 worker each, ZeRO-2, 2 CPU cores",
         "points": points,
         "results": results,
         "steps_saved_fraction": round(saved, 3),
+        "wall_saved_fraction": round(wall_saved, 3),
     }
     (out / "sweep_pruning.json").write_text(json.dumps(record, indent=2, default=str))
     lines = [
-        "| sweep | trials (complete/pruned) | training steps | wall s | best eval_accuracy (trial) |",
-        "|---|---|---|---|---|",
+        "| sweep | trials (complete/pruned) | training steps | wall s | best eval_accuracy (trial) | trial start-up s (median / max) |",
+        "|---|---|---|---|---|---|",
     ]
     for label, r in results.items():
         states = r["states"]
         lines.append(
             f"| {label} | {states.get('COMPLETE', 0)}/{states.get('PRUNED', 0)} | {r['train_steps']} | "  # type: ignore[union-attr]
-            f"{r['wall_s']} | {r['best_eval_accuracy']:.3f} ({r['best_trial']}) |"
+            f"{r['wall_s']} | {r['best_eval_accuracy']:.3f} ({r['best_trial']}) | "
+            f"{r['startup_median_s']} / {r['startup_max_s']} |"
         )
-    lines.append(f"\nASHA used {saved:.0%} fewer training steps. {record['setup']}.")
+    lines.append(
+        f"\nASHA used {saved:.0%} fewer training steps and {wall_saved:.0%} less wall time than "
+        f"no pruning. {record['setup']}."
+    )
     (out / "sweep_pruning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

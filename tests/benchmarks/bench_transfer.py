@@ -45,6 +45,14 @@ from jobs import runlog  # noqa: E402
 from jobs.config import compose  # noqa: E402
 
 DATA = ["data=wordnet_supersense", "data.test_fraction=0.25"]
+# The second real task: stdlib docstrings by area (8 classes, 2,038 sentences).
+TASKS: dict[str, tuple[list[str], str]] = {
+    "wordnet": (DATA, "MiniLM on WordNet supersenses (10 classes)"),
+    "stdlib_docs": (
+        ["data=stdlib_docs", "data.eval_fraction=0.25", "data.test_fraction=0.25"],
+        "MiniLM on stdlib docstrings by area (8 classes)",
+    ),
+}
 STRATEGIES: dict[str, list[str]] = {
     "feature_extraction": ["strategy=feature_extraction", "train.lr=1e-3"],
     "freeze_depth": ["strategy=freeze_depth", "strategy.num_trainable_blocks=2", "train.lr=3e-4"],
@@ -109,13 +117,13 @@ def _finetune(overrides: list[str], out: Path, name: str, data: list[str] = DATA
     }
 
 
-def linear_probe() -> dict[str, Any]:
+def linear_probe(data: list[str] = DATA) -> dict[str, Any]:
     """Logistic regression on frozen, mean-pooled MiniLM sentence embeddings."""
     from jobs import data as data_lib
     from jobs.models import build_tokenizer, weights_dir
 
     started = time.time()
-    cfg = compose(DATA)
+    cfg = compose(data)
     dataset = data_lib.load(cfg.data)
     labels = dataset.labels
     assert labels is not None
@@ -181,40 +189,67 @@ def linear_probe() -> dict[str, Any]:
     }
 
 
-def sweep_best(steps: int, out: Path) -> dict[str, Any]:
+def sweep_best(steps: int, out: Path, data: list[str], name: str) -> dict[str, Any]:
+    """`graft sweep` over the transfer space at a compute of 4 full runs: trials of half
+    the steps (sweep.max_t) sharing a budget of 3 full runs (sweep.budget; pruning makes
+    room for more trials), stratified successive halving, then the best retrained at the
+    full budget (the 4th run). The scratch baseline (its own lr search, 3 more full
+    runs) measures the transfer gain; it is not part of the 4."""
     from jobs.sweep import run as sweep
 
-    shutil.rmtree(out / "transfer-sweep", ignore_errors=True)
+    every = max(steps // 6, 1)
+    shutil.rmtree(out / name, ignore_errors=True)
     started = time.time()
-    half = max(steps // 2, 3)
     result = sweep(
         compose(
-            DATA
+            data
             + [
-                f"train.max_steps={half}",
-                f"train.eval_every={half // 3}",
-                f"train.checkpoint_every={half // 3}",
-                f"train.warmup_steps={half // 10}",
-                "sweep.num_trials=8",
+                f"train.max_steps={steps}",
+                "train.micro_batch_size=16",
+                f"train.warmup_steps={steps // 10}",
+                f"train.eval_every={every}",
+                f"train.checkpoint_every={every}",
+                "train.log_every=10",
+                f"sweep.max_t={steps // 2 // every}",
+                f"sweep.budget={3 * steps}",
+                "sweep.num_trials=40",
                 "sweep.max_concurrent=1",
-                "sweep.baseline=none",
+                "sweep.baseline=scratch",
                 "scaling=local",
+                "run.export=false",
                 f"run.output_dir={out}",
-                "run.name=transfer-sweep",
+                f"run.name={name}",
             ],
             config_name="sweep",
         ),
-        show_progress=False,
+        show_progress=True,
     )
-    sweep_s = time.time() - started
-    assert result.report_dir is not None and result.best is not None
-    best_yaml = result.report_dir / "best.yaml"
-    retrained = _finetune([f"+experiment={best_yaml}", *_budget(steps)], out, "sweep-best")
+    summary = json.loads((result.sweep_dir / "summary.json").read_text())
+    retrained = summary.get("retrained") or {}
+    counts: dict[str, int] = {}
+    meta = json.loads((result.sweep_dir / "sweep.json").read_text())
+    import optuna
+
+    for t in optuna.load_study(study_name=meta["study"], storage=meta["storage"]).trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return {
-        **retrained,
-        "sweep_s": sweep_s,
-        "best_params": result.best.get("params"),
-        "best_trial_accuracy": result.best.get("values"),
+        "eval_accuracy": retrained.get("eval_accuracy"),
+        "test_accuracy": retrained.get("test", {}).get("test_accuracy"),
+        "test_macro_f1": retrained.get("test", {}).get("test_macro_f1"),
+        "trainable_params": None,
+        "wall_s": time.time() - started,
+        "best_params": summary["best"]["params"],
+        "best_trial_eval_accuracy": summary["best"]["values"][0],
+        "trials": counts,
+        "compute": summary.get("compute"),
+        "scratch": {
+            "eval_accuracy": summary.get("baselines", {}).get("scratch"),
+            "test": summary.get("baselines_test", {}).get("scratch"),
+            "lr": summary.get("baselines_lr", {}).get("scratch"),
+        },
+        "transfer_gain": summary.get("transfer_gain"),
+        "transfer_gain_held_out": summary.get("transfer_gain_held_out"),
+        "report": (result.sweep_dir / "report" / "report.md").read_text(),
     }
 
 
@@ -222,10 +257,9 @@ def smollm2(out: Path) -> dict[str, Any]:
     return _finetune(["experiment=smollm2_lora", "run.export=false"], out, "smollm2-lora", data=[])
 
 
-def _table(results: dict[str, dict[str, Any]], steps: int) -> str:
+def _table(results: dict[str, dict[str, Any]], steps: int, title: str) -> str:
     lines = [
-        f"MiniLM on WordNet supersenses (10 classes), {steps} steps x global batch 32, "
-        "2 CPU workers, ZeRO-2",
+        f"{title}, {steps} steps x global batch 32, 2 CPU workers, ZeRO-2",
         "",
         "| strategy | validation accuracy | test accuracy | test macro-F1 | trainable params | wall time (s) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -237,10 +271,41 @@ def _table(results: dict[str, dict[str, Any]], steps: int) -> str:
     for name, r in results.items():
         if name == "smollm2_lora":
             continue
+        params = f"{r['trainable_params']:,}" if r.get("trainable_params") else "-"
         lines.append(
             f"| {name} | {num(r['eval_accuracy'])} | {num(r.get('test_accuracy'))} | "
-            f"{num(r.get('test_macro_f1'))} | {r['trainable_params']:,} | {r['wall_s']:.0f} |"
+            f"{num(r.get('test_macro_f1'))} | {params} | {r['wall_s']:.0f} |"
         )
+    sweep = results.get("sweep_best")
+    if sweep and sweep.get("compute"):
+        c, gain = sweep["compute"], sweep.get("transfer_gain_held_out") or {}
+        fixed = {
+            k: v for k, v in results.items() if k not in ("sweep_best", "smollm2_lora", "scratch")
+        }
+        top_val = max(fixed.items(), key=lambda kv: kv[1]["eval_accuracy"] or 0) if fixed else None
+        top_test = (
+            max(fixed.items(), key=lambda kv: kv[1].get("test_accuracy") or 0) if fixed else None
+        )
+        lines += [
+            "",
+            f"sweep_best: stratified sweep, trials {sweep['trials']}, trial compute "
+            f"{c['trial_full_runs']:.2f} full runs + 1 retrain = {c['trial_full_runs'] + c['retrain_full_runs']:.2f}; "
+            f"best params {sweep['best_params']}; retrained best validation {num(sweep['eval_accuracy'])}, "
+            f"test {num(sweep['test_accuracy'])}",
+        ]
+        if top_val and top_test:
+            lines.append(
+                f"best fixed-lr row: validation {top_val[0]} {num(top_val[1]['eval_accuracy'])}, "
+                f"test {top_test[0]} {num(top_test[1].get('test_accuracy'))}; the sweep is "
+                f"{(sweep['eval_accuracy'] or 0) - top_val[1]['eval_accuracy']:+.3f} / "
+                f"{(sweep['test_accuracy'] or 0) - (top_test[1].get('test_accuracy') or 0):+.3f}"
+            )
+        if gain:
+            lines.append(
+                f"transfer gain vs the sweep's scratch baseline (lr {sweep['scratch']['lr']:.3g}, own search): "
+                f"{gain['metric']} {gain['gain']:+.3f}, 95% CI [{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}] "
+                f"(paired bootstrap, n={gain['n']})"
+            )
     if "smollm2_lora" in results:
         r = results["smollm2_lora"]
         lines += [
@@ -258,6 +323,7 @@ def _table(results: dict[str, dict[str, Any]], steps: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--task", choices=sorted(TASKS), default="wordnet")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument(
@@ -270,9 +336,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "transfer-runs"
+    data, title = TASKS[args.task]
+    stem = "transfer" if args.task == "wordnet" else f"transfer_{args.task}"
+    work = out / f"{stem}-runs"
     results: dict[str, dict[str, Any]] = {}
-    earlier = out / "transfer.json"
+    earlier = out / f"{stem}.json"
     if args.only and earlier.exists():
         results = json.loads(earlier.read_text())["results"]
 
@@ -280,29 +348,35 @@ def main() -> None:
         return not args.only or name in args.only
 
     def save() -> None:
-        (out / "transfer.json").write_text(
+        (out / f"{stem}.json").write_text(
             json.dumps(
-                {"steps": args.steps, "machine": "2 CPU cores", "results": results}, indent=1
+                {
+                    "steps": args.steps,
+                    "task": args.task,
+                    "machine": "2 CPU cores",
+                    "results": results,
+                },
+                indent=1,
             )
         )
-        (out / "transfer.md").write_text(_table(results, args.steps))
+        (out / f"{stem}.md").write_text(_table(results, args.steps, title))
 
     if wanted("linear_probe"):
-        results["linear_probe"] = linear_probe()
+        results["linear_probe"] = linear_probe(data)
         save()
     for name, overrides in STRATEGIES.items():
         if not wanted(name):
             continue
-        results[name] = _finetune(overrides + _budget(args.steps), work, name)
+        results[name] = _finetune(overrides + _budget(args.steps), work, name, data)
         print(f"bench: {name}: {results[name]}", flush=True)
         save()
     if not args.skip_sweep and wanted("sweep_best"):
-        results["sweep_best"] = sweep_best(args.steps, work)
+        results["sweep_best"] = sweep_best(args.steps, work, data, f"{args.task}-sweep")
         save()
-    if not args.skip_llm and wanted("smollm2_lora"):
+    if not args.skip_llm and args.task == "wordnet" and wanted("smollm2_lora"):
         results["smollm2_lora"] = smollm2(work)
         save()
-    print(_table(results, args.steps))
+    print(_table(results, args.steps, title))
 
 
 if __name__ == "__main__":
