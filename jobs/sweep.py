@@ -1,24 +1,29 @@
-"""The sweep job: Optuna over the transfer space, on Ray Tune, each trial a Ray Train gang.
+"""The sweep job: Optuna over the transfer space, on Ray Tune, trials trained by a pool of
+long-lived Ray Train gangs.
 
     python -m jobs.sweep [hydra overrides]          # same as: graft sweep [...]
     python -m jobs.sweep model=tiny_bert data=jsonl data.path=x.jsonl sweep.num_trials=12
 
 Layers, top to bottom:
-  run(cfg)            the driver: checks, study, Tuner(searcher=StudySearcher, scheduler=ASHA),
-                      baselines, report
-  make_searcher       a Tune Searcher whose state lives in the Optuna study (so reruns and
-                      other drivers share it): ask -> sample the space -> trial config;
-                      results -> intermediate values; the end -> tell (complete/pruned/fail)
-  _trial(config)      one Tune trial: the trial's FinetuneConfig -> finetune.make_trainer
-                      (``run(trial=...)`` swaps it: scripted learning curves in tests)
-Resources: a trial's driver function holds no CPU or GPU (only a little memory); its
-Train gang reserves the workers' bundles in its own placement group. Trials run at most
-as many at once as the cluster fits whole gangs, so a trial never waits on resources
-its own driver holds (the nested Tune/Train deadlock) and gangs never half-start.
+  run(cfg)            the driver: checks, study, the pool (jobs.pool), Tuner(searcher=
+                      StudySearcher, scheduler=StratifiedASHA), retrain, baselines, report
+  StudySearcher       a Tune Searcher whose state lives in the Optuna study (so reruns and
+                      other drivers share it): ask -> sample the space -> trial config
+                      (while sweep.budget allows); results -> intermediate values; the
+                      end -> tell (complete/pruned/fail), a stopped trial's run cancelled
+  _trial(config)      one Tune trial: the trial's FinetuneConfig handed to a free gang of
+                      the pool, its reports passed on to Tune (``run(trial=...)`` swaps
+                      it: scripted learning curves in tests)
+  retrain_best, run_baselines, summarize, bootstrap_gain   after the trials
+Resources: a trial's driver function holds no CPU or GPU (only a little memory); each
+gang reserves its workers' bundles in its own placement group, once for the sweep.
+Trials run at most as many at once as the cluster fits whole gangs, so a trial never
+waits on resources its own driver holds (the nested Tune/Train deadlock) and gangs
+never half-start.
 
 The sweep directory, runs/<sweep-name>/: sweep.json, config.yaml, study.db (SQLite
-default), trials/<n>/ (each a fine-tuning run directory), baselines/<kind>/, summary.json,
-report/ and drivers/ (the live drivers).
+default), trials/<n>/ (each a fine-tuning run directory), best/ (the retrained best),
+baselines/<kind>/lr_<lr>/, pool/, summary.json, report/ and drivers/ (the live drivers).
 """
 
 from __future__ import annotations
@@ -333,8 +338,13 @@ def _trial(
     (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
     (run_dir / "params.json").write_text(json.dumps(config["params"], indent=2))
     pool_lib.submit(dispatcher, str(run_dir), cfg, run_dir)
+    last = space_lib.evaluations(cfg)
     for result in pool_lib.results(dispatcher, str(run_dir)):
-        tune.report(result)
+        # The last evaluation's report is followed by the final one with the same
+        # values; only that one goes to Tune, so no scheduler (Ray's ASHA keeps a rung at
+        # max_t) can stop a trial that trained in full and have it counted as pruned.
+        if result.get("final") or int(result.get("evals", 0)) < last:
+            tune.report(result)
 
 
 def _scheduler(cfg: FinetuneConfig, evals: int) -> Any:

@@ -106,6 +106,7 @@ class _PoolReport:
 
     def __init__(self, dispatcher: Any, run_id: str, rank: int) -> None:
         self.dispatcher, self.run_id, self.rank = dispatcher, run_id, rank
+        self.pending: Any = None  # rank 0's is_cancelled question in flight
 
     def __call__(self, metrics: dict[str, Any], *, final: bool = False) -> None:
         import ray
@@ -116,6 +117,22 @@ class _PoolReport:
             if not final:
                 cancelled = int(ray.get(self.dispatcher.is_cancelled.remote(self.run_id)))
         if not final and _all_max(cancelled):
+            raise Cancelled(self.run_id)
+
+    def poll(self) -> None:
+        """After every optimizer step: a cancellation that arrived since (rank 0 keeps one
+        question in flight and never waits for it) stops the run here, not at its next
+        report, so a pruned trial frees its gang within a step."""
+        import ray
+
+        cancelled = 0
+        if self.rank == 0:
+            if self.pending is None:
+                self.pending = self.dispatcher.is_cancelled.remote(self.run_id)
+            ready, _ = ray.wait([self.pending], timeout=0)
+            if ready:
+                cancelled, self.pending = int(ray.get(self.pending)), None
+        if _all_max(cancelled):
             raise Cancelled(self.run_id)
 
 
@@ -176,8 +193,10 @@ class Run:
     digest: str
     resume_from: Path | None
     fail_at_step: int | None = None
-    # Where reports go (ray.train.report, or a pool's dispatcher): see train_one.
+    # Where reports go (ray.train.report, or a pool's dispatcher), and what runs after
+    # every optimizer step (a pool run's cancellation check): see train_one.
     report: Any = None
+    poll: Any = None
     # The phase's engine; start_phase replaces it (only this reference holds it, so
     # tearing it down frees its memory).
     current: PhaseEngine | None = None
@@ -206,6 +225,7 @@ def train_one(
     the run (a pool's cancellation), which tears the run's engine down first."""
     run = setup(cfg, run_dir, rank=rank, world=world, started=started, fail_at_step=fail_at_step)
     run.report = report or _train_report
+    run.poll = getattr(report, "poll", None) or (lambda: None)
     state = State()
     if run.resume_from is not None:
         state = State(**ckpt.read_state(run.resume_from))
@@ -303,7 +323,7 @@ def config_digest(cfg: FinetuneConfig) -> str:
 def _ranks_agree(digest: str) -> bool:
     if not torch.distributed.is_initialized():
         return True
-    mine = torch.tensor([int(digest, 16) & (2**62 - 1)], dtype=torch.int64)
+    mine = torch.tensor([int(digest, 16) & (2**62 - 1)], dtype=torch.int64, device=_reduce_device())
     low, high = mine.clone(), mine.clone()
     torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
     torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
@@ -518,6 +538,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         if state.micro_step % train.grad_accum_steps:
             continue
         state.step += 1
+        run.poll()
         last = state.step == train.max_steps or _epochs_done(run, state)
         end_of_phase = last or state.step == phase.end_step
         record: dict[str, Any] = {}
@@ -599,8 +620,15 @@ def _evaluate(run: Run, current: PhaseEngine) -> dict[str, Any]:
     return evaluate(current.engine, run.eval_batches, task=run.task)
 
 
+def _reduce_device() -> torch.device:
+    """Where a small collective's tensor must live: NCCL reduces GPU tensors only."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_mean(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_reduce_device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
@@ -608,7 +636,7 @@ def _all_mean(value: float) -> float:
 
 
 def _all_max(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_reduce_device())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
