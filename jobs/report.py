@@ -336,8 +336,14 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
     best_yaml = None
     if best:
         cfg = load_config(sweep_dir)
-        # The retrained run's config when there is one (the full train.max_steps).
-        base = space_lib.full_base(cfg) if summary.get("retrained") else space_lib.trial_base(cfg)
+        # The retrained run's config when there is one (the full train.max_steps), else
+        # the trial's length with what the user asked of a run (baseline eval, export).
+        base = space_lib.full_base(cfg)
+        if not summary.get("retrained"):
+            trial = space_lib.trial_base(cfg)
+            base = dataclasses.replace(
+                base, train=dataclasses.replace(cfg.train, max_steps=trial.train.max_steps)
+            )
         trial_cfg = space_lib.apply(base, space, best["params"])
         header = [
             f"Best trial {best['number']} of sweep {meta['name']}: {metric} = {_fmt(best['values'][0])}",

@@ -236,9 +236,11 @@ def evaluations(cfg: FinetuneConfig) -> int:
 
 def trial_base(cfg: FinetuneConfig) -> FinetuneConfig:
     """What every trial starts from: the config without its sweep section, cut to
-    sweep.max_t evaluations when that is less than a full run."""
+    sweep.max_t evaluations when that is less than a full run, without the evaluation
+    before training (it ranks nothing: the scheduler sees evaluations 1..max_t) and
+    without an export."""
     assert cfg.sweep is not None
-    train = cfg.train
+    train = dataclasses.replace(cfg.train, eval_at_start=False)
     if cfg.sweep.max_t is not None and cfg.sweep.max_t < evaluations(cfg):
         train = dataclasses.replace(train, max_steps=cfg.sweep.max_t * train.eval_every)
     return dataclasses.replace(

@@ -529,6 +529,10 @@ def run(
                         scheduler=_scheduler(cfg, evals),
                         num_samples=remaining,
                         max_concurrent_trials=at_once,
+                        # A trial's function only hands its config to the pool and
+                        # relays reports: one Tune actor per slot runs trial after trial,
+                        # so a trial does not pay a fresh actor process and its imports.
+                        reuse_actors=True,
                     ),
                     run_config=tune.RunConfig(
                         name=f"tune-{driver.id}",

@@ -176,6 +176,14 @@ def test_max_t_cuts_trials_to_its_evaluations(data_dir: Path) -> None:
     assert space_lib.evaluations(space_lib.trial_base(cfg)) == 3
 
 
+def test_trials_skip_the_evaluation_before_training_the_full_runs_keep_it(data_dir: Path) -> None:
+    cfg = _cfg(data_dir, "train.max_steps=24", "train.eval_every=4", "sweep.max_t=3")
+    assert cfg.train.eval_at_start
+    assert not space_lib.trial_base(cfg).train.eval_at_start  # it ranks nothing
+    full = space_lib.full_base(cfg)  # the retrained best and the baselines
+    assert full.train.eval_at_start and full.train.max_steps == 24
+
+
 def test_names_are_deterministic_and_ignore_how_many_and_where(data_dir: Path) -> None:
     a = _cfg(data_dir)
     assert sweep_name(a) == sweep_name(_cfg(data_dir))
@@ -363,6 +371,9 @@ def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> N
     assert rerun.train.lr == pytest.approx(best.params["lr"])
     assert rerun.strategy.name == best.params["strategy"]
     assert rerun.data.path == str(data_dir / "cls.jsonl")
+    # Not retrained: the trial's length, but a run as the user asked for one (the trials
+    # skipped the evaluation before training).
+    assert rerun.train.eval_at_start and rerun.train.max_steps == 12
 
 
 def test_report_pareto_front_and_negative_transfer(data_dir: Path, tmp_path: Path) -> None:
