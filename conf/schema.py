@@ -470,6 +470,9 @@ class SweepConfig:
     baseline: str = "none"
     scratch_lr_mults: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
     probe_lr_mults: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0])
+    # When the best of a baseline's grid is at its lowest or highest lr, try up to this
+    # many more lrs past that end (the grid's own step), one at a time.
+    baseline_lr_extend: int = 2
     # Gain below this (but above the negative-transfer margin) is flagged as WEAK TRANSFER.
     weak_transfer_margin: float = 0.02
     # Pretrained must beat scratch by at least this much, else NEGATIVE TRANSFER.
@@ -511,6 +514,7 @@ class SweepConfig:
         _non_negative("sweep.negative_transfer_margin", self.negative_transfer_margin)
         _non_negative("sweep.weak_transfer_margin", self.weak_transfer_margin)
         _non_negative("sweep.min_peers", self.min_peers)
+        _non_negative("sweep.baseline_lr_extend", self.baseline_lr_extend)
         if self.budget is not None:
             _positive("sweep.budget", self.budget)
         for key in ("scratch_lr_mults", "probe_lr_mults"):

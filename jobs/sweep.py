@@ -64,6 +64,7 @@ _NOT_IN_NAME = (
     "retrain_best",
     "scratch_lr_mults",
     "probe_lr_mults",
+    "baseline_lr_extend",
     "weak_transfer_margin",
 )
 
@@ -662,50 +663,98 @@ def run_baselines(
 ) -> dict[str, dict[str, Any]]:
     """Run (or reuse, when finished) the configured baselines on the sweep's gangs, side
     by side: for each kind, one run per lr multiplier (sweep.scratch_lr_mults /
-    probe_lr_mults) at the full budget. Returns, per kind, the end record of the one
-    best on validation, with ``run_dir`` and ``search`` (every lr tried) added."""
+    probe_lr_mults) at the full budget; when the best of those is at an end of the
+    grid, the grid grows past that end by its own step, up to sweep.baseline_lr_extend
+    runs more (the best trial's lr can be far from what the baseline wants: a head-only
+    trial's lr is too large for training every weight from scratch). Returns, per kind,
+    the end record of the one best on validation, with ``run_dir`` and ``search``
+    (every lr tried) added."""
     sweep = cfg.sweep
     assert sweep is not None
     kinds = {"none": [], "both": ["scratch", "linear_probe"]}.get(sweep.baseline, [sweep.baseline])
-    runs: dict[str, list[tuple[float, Path]]] = {}
-    todo = []
-    for kind in kinds:
-        mults = sweep.scratch_lr_mults if kind == "scratch" else sweep.probe_lr_mults
-        for mult in mults:
-            bcfg = baseline_config(cfg, space, best.params, kind, mult)
-            run_dir = sweep_dir / "baselines" / kind / f"lr_{bcfg.train.lr:.3g}"
-            runs.setdefault(kind, []).append((bcfg.train.lr, run_dir))
-            if _end_record(run_dir) is None:
-                todo.append((str(run_dir), _write_run(run_dir, bcfg, f"{kind}-{mult:g}"), run_dir))
-        lrs = ", ".join(f"{lr:.3g}" for lr, _ in runs[kind])
-        console.print(f"graft: baseline {kind}: trial {best.number}'s settings at lr {lrs}")
-    if todo:
-        pools.get().run_all(todo)
+    grids = {
+        kind: sorted(sweep.scratch_lr_mults if kind == "scratch" else sweep.probe_lr_mults)
+        for kind in kinds
+    }
+    tried: dict[str, dict[float, Path]] = {kind: {} for kind in kinds}
     primary = sweep.objectives[0]
     sign = 1 if primary.mode == "max" else -1
-    results: dict[str, dict[str, Any]] = {}
-    for kind, tried in runs.items():
-        search = []
-        for lr, run_dir in tried:
-            end = _end_record(run_dir)
-            if end is not None and math.isfinite(end.get(primary.metric, math.nan)):
-                search.append(
-                    {
-                        "lr": lr,
-                        primary.metric: end[primary.metric],
-                        "run_dir": str(run_dir),
-                        "end": end,
-                    }
+    for round_ in range(sweep.baseline_lr_extend + 1):
+        todo = []
+        for kind in kinds:
+            mults = grids[kind] if round_ == 0 else _extend(grids[kind], tried[kind], primary)
+            lrs = []
+            for mult in mults:
+                bcfg = baseline_config(cfg, space, best.params, kind, mult)
+                lrs.append(bcfg.train.lr)
+                run_dir = sweep_dir / "baselines" / kind / f"lr_{bcfg.train.lr:.3g}"
+                tried[kind][mult] = run_dir
+                if _end_record(run_dir) is None:
+                    todo.append(
+                        (str(run_dir), _write_run(run_dir, bcfg, f"{kind}-{mult:g}"), run_dir)
+                    )
+            if lrs:
+                what = (
+                    "settings at lr" if round_ == 0 else "best lr is at the end of the grid; also"
                 )
+                shown = ", ".join(f"{lr:.3g}" for lr in lrs)
+                console.print(f"graft: baseline {kind}: trial {best.number}'s {what} {shown}")
+        if todo:
+            pools.get().run_all(todo)
+        elif round_ > 0:
+            break
+    results: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        search = _search(tried[kind], primary.metric)
         if search:
+
+            def lr(mult: float, kind: str = kind) -> float:
+                return baseline_config(cfg, space, best.params, kind, mult).train.lr
+
             chosen = max(search, key=lambda r: sign * r[primary.metric])
             results[kind] = {
                 **chosen["end"],
-                "lr": chosen["lr"],
+                "lr": lr(chosen["mult"]),
                 "run_dir": chosen["run_dir"],
-                "search": [{k: v for k, v in r.items() if k != "end"} for r in search],
+                "search": [
+                    {
+                        "lr": lr(r["mult"]),
+                        primary.metric: r[primary.metric],
+                        "run_dir": r["run_dir"],
+                    }
+                    for r in search
+                ],
             }
     return results
+
+
+def _search(tried: dict[float, Path], metric: str) -> list[dict[str, Any]]:
+    """The finished runs of one baseline's lr search with a finite ``metric``, by lr."""
+    search = []
+    for mult, run_dir in sorted(tried.items()):
+        end = _end_record(run_dir)
+        if end is not None and math.isfinite(end.get(metric, math.nan)):
+            search.append({"mult": mult, metric: end[metric], "run_dir": str(run_dir), "end": end})
+    return search
+
+
+def _extend(grid: list[float], tried: dict[float, Path], objective: Any) -> list[float]:
+    """One more multiplier past the end of the tried range where the best run is (by the
+    grid's own step there), or none when the best is inside the range, a run at that
+    end diverged, or the grid has one point."""
+    if len(grid) < 2:
+        return []
+    search = _search(tried, objective.metric)
+    if not search:
+        return []
+    sign = 1 if objective.mode == "max" else -1
+    best = max(search, key=lambda r: sign * r[objective.metric])["mult"]
+    low, high = min(tried), max(tried)
+    if best == low:
+        return [low / (grid[1] / grid[0])]
+    if best == high:
+        return [high * (grid[-1] / grid[-2])]
+    return []
 
 
 def _end_record(run_dir: Path) -> dict[str, Any] | None:

@@ -81,6 +81,7 @@ def test_bad_spaces_are_rejected_with_the_key(data_dir: Path, override: str, key
         ("sweep.min_peers=-1", "sweep.min_peers"),
         ("sweep.scratch_lr_mults=[]", "sweep.scratch_lr_mults"),
         ("sweep.probe_lr_mults=[1,-3]", "sweep.probe_lr_mults"),
+        ("sweep.baseline_lr_extend=-1", "sweep.baseline_lr_extend"),
         ("sweep.weak_transfer_margin=-0.1", "sweep.weak_transfer_margin"),
     ],
 )
@@ -555,3 +556,35 @@ def test_baselines_search_their_own_lr_at_the_full_budget(data_dir: Path) -> Non
     scratch = baseline_config(cfg, space, best, "scratch", 10.0)
     assert scratch.train.lr == pytest.approx(2e-2) and scratch.train.max_steps == 12
     assert scratch.run.export is False
+
+
+def test_a_baseline_lr_grid_grows_past_the_end_where_its_best_is(tmp_path: Path) -> None:
+    """The best trial's lr anchors the grid; when the baseline's best is at an end (a
+    head-only trial's large lr anchoring scratch), one more lr past that end is tried."""
+    from conf.schema import ObjectiveConfig as Objective
+    from jobs.sweep import _extend
+
+    def runs(scores: dict[float, float]) -> dict[float, Path]:
+        out = {}
+        for mult, score in scores.items():
+            d = tmp_path / f"m{mult:g}-{len(list(tmp_path.iterdir()))}"
+            d.mkdir()
+            (d / "metrics.jsonl").write_text(
+                json.dumps({"event": "end", "eval_accuracy": score}) + "\n"
+            )
+            out[mult] = d
+        return out
+
+    acc = Objective(metric="eval_accuracy", mode="max")
+    grid = [1.0, 3.0, 10.0]
+    assert _extend(grid, runs({1: 0.3, 3: 0.2, 10: 0.1}), acc) == [pytest.approx(1 / 3)]
+    assert _extend(grid, runs({1 / 3: 0.5, 1: 0.3, 3: 0.2, 10: 0.1}), acc) == [pytest.approx(1 / 9)]
+    assert _extend(grid, runs({1: 0.1, 3: 0.2, 10: 0.3}), acc) == [pytest.approx(100 / 3)]
+    assert _extend(grid, runs({1: 0.1, 3: 0.4, 10: 0.3}), acc) == []  # inside: done
+    # the top lr diverged (no finite score): never go higher
+    diverged = runs({1: 0.1, 3: 0.4})
+    diverged[10.0] = tmp_path / "nan"
+    assert _extend(grid, diverged, acc) == []
+    loss = Objective(metric="eval_accuracy", mode="min")
+    assert _extend(grid, runs({1: 0.3, 3: 0.2, 10: 0.1}), loss) == [pytest.approx(100 / 3)]
+    assert _extend([3.0], runs({3: 0.3}), acc) == []
