@@ -189,7 +189,9 @@ def linear_probe(data: list[str] = DATA) -> dict[str, Any]:
     }
 
 
-def sweep_best(steps: int, out: Path, data: list[str], name: str) -> dict[str, Any]:
+def sweep_best(
+    steps: int, out: Path, data: list[str], name: str, keep: bool = False
+) -> dict[str, Any]:
     """`graft sweep` over the transfer space at a compute of 4 full runs: trials of half
     the steps (sweep.max_t) sharing a budget of 3 full runs (sweep.budget; pruning makes
     room for more trials), stratified successive halving, then the best retrained at the
@@ -198,7 +200,8 @@ def sweep_best(steps: int, out: Path, data: list[str], name: str) -> dict[str, A
     from jobs.sweep import run as sweep
 
     every = max(steps // 6, 1)
-    shutil.rmtree(out / name, ignore_errors=True)
+    if not keep:  # else the sweep resumes: what finished is reused, the rest runs
+        shutil.rmtree(out / name, ignore_errors=True)
     started = time.time()
     result = sweep(
         compose(
@@ -332,6 +335,12 @@ def main() -> None:
         help="rows to (re)run, keeping the others from an earlier transfer.json: "
         "linear_probe, a strategy name, sweep_best, smollm2_lora (default: all)",
     )
+    parser.add_argument(
+        "--keep-sweep",
+        action="store_true",
+        help="resume the sweep_best sweep in place (its finished trials, retrain and "
+        "baseline runs are reused) instead of starting it afresh; its wall time adds up",
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -371,7 +380,11 @@ def main() -> None:
         print(f"bench: {name}: {results[name]}", flush=True)
         save()
     if not args.skip_sweep and wanted("sweep_best"):
-        results["sweep_best"] = sweep_best(args.steps, work, data, f"{args.task}-sweep")
+        before = results.get("sweep_best", {}).get("wall_s", 0.0) if args.keep_sweep else 0.0
+        results["sweep_best"] = sweep_best(
+            args.steps, work, data, f"{args.task}-sweep", keep=args.keep_sweep
+        )
+        results["sweep_best"]["wall_s"] += before
         save()
     if not args.skip_llm and args.task == "wordnet" and wanted("smollm2_lora"):
         results["smollm2_lora"] = smollm2(work)
