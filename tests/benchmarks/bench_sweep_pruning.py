@@ -125,13 +125,16 @@ def main() -> None:
     base.append(f"sweep.enqueue={_hydra_list(points)}")
     import ray
 
-    warm = [
-        o
-        for o in base
-        if not o.startswith(("sweep.num_trials", "train.max_steps", "sweep.enqueue"))
-    ]
+    # 2 trials of one evaluation each, no retrain: imports, data and weights warm.
+    warm = [o for o in base if not o.startswith(("sweep.num_trials", "sweep.enqueue"))]
     _measure(
-        warm + [f"train.max_steps={args.steps // 3}", "sweep.num_trials=2", "sweep.scheduler=none"],
+        warm
+        + [
+            "sweep.num_trials=2",
+            "sweep.max_t=1",
+            "sweep.retrain_best=false",
+            "sweep.scheduler=none",
+        ],
         f"bench-pruning-warmup-{int(time.time())}",
     )
     results = {}
