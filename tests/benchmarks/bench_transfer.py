@@ -19,8 +19,10 @@
      progressive         gradual unfreezing: the head, then one more block
                          every 20 steps, lr re-warmed 5 steps, head x 3    lr 3e-4
      scratch             same architecture, random init, every weight      lr 3e-4
-   Then `graft sweep` over the transfer space (8 trials of --steps/2 steps, ASHA) and its
-   best config retrained with the full budget.
+   Then `graft sweep` over the transfer space at a compute of 4 full runs (trials of
+   --steps/2 steps sharing a budget of 3 full runs, stratified halving, the best
+   retrained with the full budget) and its scratch baseline with its own lr search.
+   --task stdlib_docs runs the same on the second real task (stdlib docstrings by area).
 2. SmolLM2-135M-Instruct (LLaMA architecture) with LoRA on the WordNet instruction set
    (conf/experiment/smollm2_lora.yaml): eval loss before and after, tokens/s.
 Writes runs/bench/transfer.json and transfer.md.
