@@ -66,7 +66,14 @@ RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
 # Progressive unfreezing under every ZeRO stage (and over LoRA): 3 phases of 4 steps,
 # from the head alone to 2 blocks.
 PROGRESSIVE = {f"zero{stage}": [f"deepspeed=zero{stage}"] for stage in (0, 1, 2, 3)} | {
-    "zero3-lora": ["deepspeed=zero3", "strategy.progressive.base=lora", "train.lr=3e-2"]
+    # lr 3e-2 with the optimizer reset at each unfreeze spiked the loss past where it
+    # started on this machine's floats (Adam's first steps are ~lr each); re-warm instead.
+    "zero3-lora": [
+        "deepspeed=zero3",
+        "strategy.progressive.base=lora",
+        "train.lr=1e-2",
+        "strategy.progressive.rewarmup_steps=2",
+    ]
 }
 L2SP = "objectives=[{name:l2sp,weight:0.01}]"
 
