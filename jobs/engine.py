@@ -14,6 +14,22 @@ import torch
 
 from conf.schema import DeepSpeedConfig, TrainConfig
 
+# DeepSpeed's JIT-built shared-memory all-reduce (CPU accelerator) serves only its
+# tensor-parallel inference path; building it costs a C++ compile (60-70 s on 2 cores)
+# in every fresh TORCH_EXTENSIONS_DIR, and a training run never calls it.
+UNUSED_OPS = ("deepspeed_shm_comm",)
+
+
+def lean_deepspeed() -> None:
+    """Before DeepSpeed's communication backend starts in this process: skip building
+    what a graft training run never uses (UNUSED_OPS). Idempotent; the run trains
+    exactly as before."""
+    import deepspeed
+
+    compatible = deepspeed.ops.__compatible_ops__  # one dict, kept by the module
+    for name in UNUSED_OPS:
+        compatible[name] = False
+
 
 def global_batch_size(train: TrainConfig, world_size: int) -> int:
     return train.micro_batch_size * train.grad_accum_steps * world_size

@@ -119,6 +119,7 @@ def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[s
 def main() -> None:
     import deepspeed
 
+    from jobs import engine as engine_lib
     from jobs.config import compose
 
     warnings.filterwarnings("ignore")
@@ -131,6 +132,7 @@ def main() -> None:
         else:
             configs[-1].append(arg)
     steps = max(int(os.environ.get("GRAFT_PROBE_STEPS", "3")), 3)
+    engine_lib.lean_deepspeed()
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     runs = []

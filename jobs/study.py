@@ -64,18 +64,62 @@ def open_storage(url: str) -> Any:
             raise ConfigError("sweep.storage", f"{url!r}: directory {parent} does not exist")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs={"pool_pre_ping": True} if parsed.get_backend_name() != "sqlite" else {},
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                inherit_intermediate_values=True
-            ),
-        )
+        with _schema_lock(url):
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs={"pool_pre_ping": True}
+                if parsed.get_backend_name() != "sqlite"
+                else {},
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    inherit_intermediate_values=True
+                ),
+            )
     except Exception as e:  # sqlalchemy/driver errors: missing driver, refused, auth
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("sweep.storage", f"cannot open {redact(url)}: {reason}") from None
+
+
+# Any fixed 64-bit key: the PostgreSQL advisory lock graft drivers take around schema setup.
+SCHEMA_LOCK_KEY = 0x67726166745F7363  # "graft_sc"
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Held while RDBStorage creates (or checks) Optuna's tables: drivers that start
+    together on a new database would otherwise both run CREATE TABLE, and PostgreSQL
+    fails the loser on its catalog's unique index (pg_type_typname_nsp_index). A
+    PostgreSQL advisory lock (on its own connection), or a lock file beside a SQLite
+    database; other backends as they are."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": SCHEMA_LOCK_KEY})
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SCHEMA_LOCK_KEY})
+        finally:
+            engine.dispose()
+    elif backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+        import fcntl
+
+        with open(Path(parsed.database).expanduser().with_suffix(".lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    else:
+        yield
 
 
 def redact(url: str) -> str:

@@ -383,6 +383,7 @@ def start_engine(
     # Counted before DeepSpeed: under ZeRO-3 each rank's tensors are [0] afterwards.
     trainable = sum(p.numel() for g in groups for p in g["params"])
     total = sum(p.numel() for p in model.parameters())
+    engine_lib.lean_deepspeed()
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=engine_lib.optimizer(groups, train),

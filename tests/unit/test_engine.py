@@ -59,3 +59,19 @@ def test_schedule_warms_up_then_decays_keeping_group_ratios(schedule: str) -> No
     assert seen[0] < seen[3] < seen[4] + 1e-9  # warmup rises
     if schedule != "constant":
         assert seen[-1] < 0.15 * seen[4]
+
+
+def test_lean_deepspeed_skips_the_shared_memory_op_training_never_calls() -> None:
+    """Its C++ build took 60-70 s in every fresh TORCH_EXTENSIONS_DIR (twice per suite)."""
+    import importlib
+
+    import deepspeed
+
+    from jobs.engine import lean_deepspeed
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch is torch)
+
+    lean_deepspeed()
+    lean_deepspeed()  # idempotent
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert backend.build_shm_op() is None  # nothing built, nothing loaded

@@ -8,7 +8,9 @@ import dataclasses
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -588,3 +590,61 @@ def test_a_baseline_lr_grid_grows_past_the_end_where_its_best_is(tmp_path: Path)
     loss = Objective(metric="eval_accuracy", mode="min")
     assert _extend(grid, runs({1: 0.3, 3: 0.2, 10: 0.1}), loss) == [pytest.approx(100 / 3)]
     assert _extend([3.0], runs({3: 0.3}), acc) == []
+
+
+def _open_at_once(url: str, barrier: Any, errors: Any) -> None:
+    barrier.wait()
+    try:
+        study_lib.open_storage(url)
+    except Exception as e:  # reported to the parent, which asserts there were none
+        errors.put(f"{type(e).__name__}: {e}")
+
+
+def test_drivers_opening_a_new_postgresql_database_at_once_do_not_collide() -> None:
+    """Two drivers started together on an empty PostgreSQL database both create Optuna's
+    tables; unserialised, one of them died on pg_type's unique index (seen in CI). Each
+    round: a new database, 4 processes opening it at the same instant."""
+    import multiprocessing
+
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(
+            host="127.0.0.1", port=5432, dbname="test", user="postgres", connect_timeout=3
+        )
+    except Exception as e:
+        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 (database test): {e}")
+    admin.autocommit = True
+    ctx = multiprocessing.get_context("fork")
+    try:
+        for _ in range(3):
+            name = f"graft_race_{uuid.uuid4().hex[:8]}"
+            with admin.cursor() as cur:
+                cur.execute(f"CREATE DATABASE {name}")
+            try:
+                barrier, errors = ctx.Barrier(4), ctx.Queue()
+                procs = [
+                    ctx.Process(
+                        target=_open_at_once,
+                        args=(f"postgresql://postgres@127.0.0.1:5432/{name}", barrier, errors),
+                    )
+                    for _ in range(4)
+                ]
+                for p in procs:
+                    p.start()
+                for p in procs:
+                    p.join(120)
+                found = []
+                while not errors.empty():
+                    found.append(errors.get())
+                assert [p.exitcode for p in procs] == [0] * 4 and not found, found
+                # and the schema they made is whole: a study can be created in it
+                storage = study_lib.open_storage(f"postgresql://postgres@127.0.0.1:5432/{name}")
+                optuna.create_study(storage=storage, study_name="after")
+                assert [s.study_name for s in storage.get_all_studies()] == ["after"]
+                storage.engine.dispose()
+            finally:
+                with admin.cursor() as cur:
+                    cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        admin.close()
