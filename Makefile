@@ -32,10 +32,11 @@ install-models: install
 demo: install
 	$(VENV)/bin/graft finetune
 
-# Two pytest workers, a test file each at a time: most of a Ray test's wall time is
-# process start-up and polling, not CPU, so two files overlap well on 2 cores.
+# Two pytest workers, a test file each at a time, the slowest files first (the order
+# is tests/conftest.py's SLOWEST_FIRST): most of a Ray test's wall time is process
+# start-up and polling, not CPU, so two files overlap well on 2 cores.
 test: install
-	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 test-all: install-models
 	$(PY) -m pytest -q

@@ -119,13 +119,17 @@ def _live_tensors() -> Iterator[torch.Tensor]:
             continue
 
 
-def live_tensor_bytes(device: str = "cpu", exclude: Iterable[tuple[str, int]] = ()) -> int:
+def live_tensor_bytes(
+    device: str = "cpu", exclude: Iterable[tuple[str, int]] = (), *, collect: bool = True
+) -> int:
     """Bytes of every distinct tensor storage reachable from Python on ``device``
     (parameters, their ``.grad``, optimizer states, DeepSpeed's flat buffers and
     partitions, ...). Each storage counts once, whatever views point into it.
     ``exclude``: storage keys not to count (activations saved for backward, which keep
-    their Python objects while autograd holds them)."""
-    gc.collect()
+    their Python objects while autograd holds them). ``collect=False``: the caller has
+    just run the garbage collector (a full collection costs ~0.5 s in a worker)."""
+    if collect:
+        gc.collect()
     skip = set(exclude)
     seen: dict[tuple[str, int], int] = {}
     for t in _live_tensors():

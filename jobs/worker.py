@@ -413,7 +413,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         previous.engine.destroy()
         del previous
         gc.collect()
-        freed = before - live_tensor_bytes()  # what the torn-down engine held
+        freed = before - live_tensor_bytes(collect=False)  # what the torn-down engine held
         model = _fresh_model(run)
     current = start_engine(
         model,

@@ -26,7 +26,7 @@ from jobs import data as data_lib
 from jobs import runlog
 from jobs.config import compose
 from jobs.evaluate import evaluate
-from jobs.finetune import FAIL_AT_STEP_ENV, run, run_many
+from jobs.finetune import run, run_many
 from tests.conftest import tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
@@ -50,19 +50,17 @@ STRATEGIES = {
     ],
     "lora": ["strategy=lora", "strategy.lora.r=8"],
 }
-RESUME = {
-    "zero3-lora": ["deepspeed=zero3", "strategy=lora", "strategy.lr_ratio=0.7"],
-    "zero2-freeze_depth": ["deepspeed=zero2", "strategy=freeze_depth", "strategy.lr_ratio=0.5"],
-    # 3 phases of 4 steps; checkpoints at 4, 5, 8, 10, 12 (every 5 and at each phase end)
-    "zero3-progressive": [
-        "deepspeed=zero3",
-        "strategy=progressive",
-        "strategy.progressive.unfreeze_every=4",
-        "train.checkpoint_every=5",
-        "train.keep_checkpoints=3",
-    ],
+L2SP = "objectives=[{name:l2sp,weight:0.01}]"
+# The matrix runs also carry checks that need the same kind of run: freeze_depth under
+# ZeRO-0 and ZeRO-3 with the L2-SP term (the same penalty under both), under ZeRO-2
+# with the term at weight 0 (logged, no effect: the reference for "l2sp-strong"); LoRA
+# under ZeRO-3 also writes the merged export.
+MATRIX_EXTRA = {
+    ("freeze_depth+lr_ratio", 0): [L2SP],
+    ("freeze_depth+lr_ratio", 3): [L2SP],
+    ("freeze_depth+lr_ratio", 2): ["objectives=[{name:l2sp,weight:0.0}]"],
+    ("lora", 3): ["run.export_merged=true"],
 }
-RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
 # Progressive unfreezing under every ZeRO stage (and over LoRA): 3 phases of 4 steps,
 # from the head alone to 2 blocks.
 PROGRESSIVE = {f"zero{stage}": [f"deepspeed=zero{stage}"] for stage in (0, 1, 2, 3)} | {
@@ -75,7 +73,6 @@ PROGRESSIVE = {f"zero{stage}": [f"deepspeed=zero{stage}"] for stage in (0, 1, 2,
         "strategy.progressive.rewarmup_steps=2",
     ]
 }
-L2SP = "objectives=[{name:l2sp,weight:0.01}]"
 
 
 def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
@@ -84,9 +81,9 @@ def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
     llm, cls = tiny_overrides(data_dir), tiny_overrides(data_dir, task="classification")
     for stage in STAGES:
         for sid, strategy in STRATEGIES.items():
-            runs[f"matrix-{sid}-{stage}"] = llm + strategy + [f"deepspeed=zero{stage}"]
-    for rid, extra in RESUME.items():
-        runs[f"straight-{rid}"] = llm + extra + RESUME_SCHEDULE
+            runs[f"matrix-{sid}-{stage}"] = (
+                llm + strategy + [f"deepspeed=zero{stage}"] + MATRIX_EXTRA.get((sid, stage), [])
+            )
     runs["early"] = llm + [
         "deepspeed=zero2",
         "train.eval_every=3",
@@ -103,7 +100,6 @@ def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
         "train.eval_every=20",
         "train.checkpoint_every=20",
     ]
-    runs["merged"] = llm + ["deepspeed=zero3", "strategy=lora", "run.export_merged=true"]
     runs["offload-bf16-lora"] = llm + [
         "deepspeed=zero3_offload",
         "deepspeed.bf16=true",
@@ -118,11 +114,11 @@ def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
             f"strategy.num_trainable_blocks={1 if lora else 0}",
             *extra,
         ]
-    for stage in (0, 3):
-        runs[f"l2sp-zero{stage}"] = llm + ["strategy=freeze_depth", f"deepspeed=zero{stage}", L2SP]
-    for name, weight in (("l2sp-strong", 1.0), ("l2sp-off", 0.0)):
-        term = f"objectives=[{{name:l2sp,weight:{weight}}}]"
-        runs[name] = llm + ["strategy=freeze_depth", "deepspeed=zero2", term]
+    runs["l2sp-strong"] = (
+        llm
+        + STRATEGIES["freeze_depth+lr_ratio"]
+        + ["deepspeed=zero2", "objectives=[{name:l2sp,weight:1.0}]"]
+    )
     runs["l2sp-progressive-classify"] = cls + [
         "deepspeed=zero3",
         "strategy=progressive",
@@ -211,85 +207,6 @@ def test_loss_falls_and_the_export_reproduces_the_final_eval(
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
-CRASH = {"zero3-lora": (9, 6), "zero2-freeze_depth": (9, 6), "zero3-progressive": (11, 10)}
-# After the resumed runs, commit markers are removed from the newest checkpoint(s): the
-# run must go back to this one (for progressive: step 8, written at the end of phase 1
-# by phase 1's engine; the run then starts phase 2 from those weights).
-AGAIN = {
-    "zero3-lora": ([12], 6),
-    "zero2-freeze_depth": ([12], 6),
-    "zero3-progressive": ([12, 10], 8),
-}
-
-
-@pytest.fixture(scope="module")
-def crashed(
-    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, ray_2cpus: None
-) -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
-    """Each RESUME config crashed (its own gang: the crash ends it), then all resumed in
-    one gang, then, with the newest checkpoints made incomplete, all resumed again in
-    one gang. Returns {variant: (resumed records, again records)}."""
-    out = tmp_path_factory.mktemp("crashed")
-    order = sorted(RESUME, key=lambda v: "zero3" in v)  # ZeRO-3 last (see `gang`)
-    cfgs = {
-        v: compose(
-            tiny_overrides(data_dir)
-            + RESUME[v]
-            + RESUME_SCHEDULE
-            + [f"run.output_dir={out}", f"run.name=crashy-{v}"]
-        )
-        for v in order
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for v in order:
-            patch.setenv(FAIL_AT_STEP_ENV, str(CRASH[v][0]))
-            with pytest.raises(Exception, match="GRAFT_FAIL_AT_STEP"):
-                run(cfgs[v], show_progress=False)
-    resumed = run_many([cfgs[v] for v in order], show_progress=False)
-    records = {v: runlog.read(s.run_dir) for v, s in zip(order, resumed, strict=True)}
-    for v, s in zip(order, resumed, strict=True):
-        for step in AGAIN[v][0]:
-            (s.run_dir / "checkpoints" / f"step_{step:08d}" / "COMMITTED.rank1").unlink()
-    again = run_many([cfgs[v] for v in order], show_progress=False)
-    return {v: (records[v], runlog.read(s.run_dir)) for v, s in zip(order, again, strict=True)}
-
-
-@pytest.mark.parametrize("extra", list(RESUME))
-def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
-    gang: dict[str, Any], crashed: dict[str, Any], extra: str
-) -> None:
-    straight = gang[f"straight-{extra}"][1]
-    resumed, again = crashed[extra]
-    progressive = "progressive" in extra
-    resumed_at = CRASH[extra][1]
-    resume = _event(resumed, "resume")
-    assert resume["step"] == resumed_at  # the last complete checkpoint before the crash
-    if progressive:  # a crash in phase 2 resumes in phase 2
-        assert resume["phase"] == 2 and _event(resumed, "end")["phase"] == 2
-    a, b = _losses(straight), _losses(resumed)
-    assert sorted(b) == sorted(a)  # the file reads as one run: no duplicate steps
-    for step in range(resumed_at + 1, 13):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
-    lrs = {r["step"]: r["lr"] for r in resumed if "lr" in r and "loss" in r}
-    assert lrs[12] == pytest.approx({r["step"]: r["lr"] for r in straight if "loss" in r}[12])
-    assert _event(resumed, "end")["eval_loss"] == pytest.approx(
-        _event(straight, "end")["eval_loss"], rel=1e-5
-    )
-
-    # A checkpoint missing one rank's commit marker is never loaded: back to the one before.
-    before = AGAIN[extra][1]
-    assert _event(again, "resume")["step"] == before
-    c = _losses(again)
-    for step in range(before + 1, 13):
-        assert c[step] == pytest.approx(a[step], rel=1e-5), (
-            f"step {step} after resuming at {before}"
-        )
-    if progressive:
-        assert _event(again, "resume")["phase"] == 1
-        # the file reads as one run: phase 2's start is logged once, after the resume
-        assert [r["phase"] for r in again if r.get("event") == "phase"] == [1, 2]
-
-
 def test_early_stopping_stops_all_workers_and_exports_the_best(gang: dict[str, Any]) -> None:
     # mode=max on a falling eval loss: the first eval is the best, the next one exhausts patience.
     cfg, records, run_dir = gang["early"]
@@ -322,7 +239,7 @@ def test_classification_head_learns_and_exports_with_its_labels(gang: dict[str, 
 
 
 def test_lora_merged_export_matches_the_adapter(gang: dict[str, Any], tmp_path: Path) -> None:
-    cfg, records, run_dir = gang["merged"]
+    cfg, records, run_dir = gang["matrix-lora-3"]
     merged_dir = tmp_path / "merged-only"
     shutil.copytree(run_dir / "export" / "merged", merged_dir)
     assert not (merged_dir / "adapter_config.json").exists()
@@ -379,7 +296,7 @@ def test_progressive_unfreezing_phases_under_zero(gang: dict[str, Any], variant:
 def test_l2sp_is_the_same_penalty_under_zero0_and_zero3(gang: dict[str, Any]) -> None:
     """The term is exact under ZeRO-3 (weights and reference gathered in the owning
     module's forward): the same run under ZeRO-0 and ZeRO-3 logs the same penalty."""
-    runs = {stage: gang[f"l2sp-zero{stage}"][1] for stage in (0, 3)}
+    runs = {stage: gang[f"matrix-freeze_depth+lr_ratio-{stage}"][1] for stage in (0, 3)}
     values = {
         stage: {r["step"]: r["l2sp"] for r in recs if "l2sp" in r} for stage, recs in runs.items()
     }
@@ -396,9 +313,9 @@ def test_l2sp_pulls_towards_the_pretrained_weights(gang: dict[str, Any]) -> None
     penalised weights end closer to the pretrained ones."""
     distance = {
         name: [r["l2sp"] for r in gang[name][1] if "l2sp" in r][-1]
-        for name in ("l2sp-strong", "l2sp-off")
+        for name in ("l2sp-strong", "matrix-freeze_depth+lr_ratio-2")
     }
-    assert distance["l2sp-strong"] < 0.5 * distance["l2sp-off"], distance
+    assert distance["l2sp-strong"] < 0.5 * distance["matrix-freeze_depth+lr_ratio-2"], distance
 
 
 def test_test_split_is_reported_only_and_l2sp_with_progressive(

@@ -1,0 +1,132 @@
+"""A crash mid-run, on a real local Ray with real DeepSpeed over gloo, 2 workers: the
+rerun resumes from the last complete checkpoint (in the phase that wrote it) and
+trains on with the same losses as a run that never crashed.
+
+    pytest tests/integration/test_resume.py
+
+Its own module (and pytest-xdist work unit), so it runs beside tests/integration/test_finetune.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import runlog
+from jobs.config import compose
+from jobs.finetune import FAIL_AT_STEP_ENV, run, run_many
+from tests.conftest import tiny_overrides
+from tests.integration.test_finetune import _event, _losses
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
+
+RESUME = {
+    "zero3-lora": ["deepspeed=zero3", "strategy=lora", "strategy.lr_ratio=0.7"],
+    "zero2-freeze_depth": ["deepspeed=zero2", "strategy=freeze_depth", "strategy.lr_ratio=0.5"],
+    # 3 phases of 4 steps; checkpoints at 4, 5, 8, 10, 12 (every 5 and at each phase end)
+    "zero3-progressive": [
+        "deepspeed=zero3",
+        "strategy=progressive",
+        "strategy.progressive.unfreeze_every=4",
+        "train.checkpoint_every=5",
+        "train.keep_checkpoints=3",
+    ],
+}
+RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
+
+
+CRASH = {"zero3-lora": (9, 6), "zero2-freeze_depth": (9, 6), "zero3-progressive": (11, 10)}
+# After the resumed runs, commit markers are removed from the newest checkpoint(s): the
+# run must go back to this one (for progressive: step 8, written at the end of phase 1
+# by phase 1's engine; the run then starts phase 2 from those weights).
+AGAIN = {
+    "zero3-lora": ([12], 6),
+    "zero2-freeze_depth": ([12], 6),
+    "zero3-progressive": ([12, 10], 8),
+}
+
+
+@pytest.fixture(scope="module")
+def crashed(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, ray_2cpus: None
+) -> dict[str, tuple[list[dict[str, Any]], ...]]:
+    """Each RESUME config crashed (its own gang: the crash ends it), then all resumed in
+    one gang beside the same configs run straight through, then, with the newest
+    checkpoints made incomplete, all resumed again in one gang.
+    Returns {variant: (straight records, resumed records, again records)}."""
+    out = tmp_path_factory.mktemp("crashed")
+    # ZeRO-3 last (see test_finetune's `gang`)
+    order = sorted(RESUME, key=lambda v: "zero3" in v)
+
+    def config(v: str, name: str) -> Any:
+        return compose(
+            tiny_overrides(data_dir)
+            + RESUME[v]
+            + RESUME_SCHEDULE
+            + [f"run.output_dir={out}", f"run.name={name}-{v}"]
+        )
+
+    cfgs = {v: config(v, "crashy") for v in order}
+    straight_cfgs = {v: config(v, "straight") for v in order}
+    with pytest.MonkeyPatch.context() as patch:
+        for v in order:
+            patch.setenv(FAIL_AT_STEP_ENV, str(CRASH[v][0]))
+            with pytest.raises(Exception, match="GRAFT_FAIL_AT_STEP"):
+                run(cfgs[v], show_progress=False)
+    both = sorted(
+        [(v, "straight") for v in order] + [(v, "resumed") for v in order],
+        key=lambda pair: "zero3" in pair[0],
+    )
+    done = run_many(
+        [straight_cfgs[v] if kind == "straight" else cfgs[v] for v, kind in both],
+        show_progress=False,
+    )
+    by_kind = {pair: s for pair, s in zip(both, done, strict=True)}
+    resumed = [by_kind[(v, "resumed")] for v in order]
+    records = {v: runlog.read(s.run_dir) for v, s in zip(order, resumed, strict=True)}
+    straight = {v: runlog.read(by_kind[(v, "straight")].run_dir) for v in order}
+    for v, s in zip(order, resumed, strict=True):
+        for step in AGAIN[v][0]:
+            (s.run_dir / "checkpoints" / f"step_{step:08d}" / "COMMITTED.rank1").unlink()
+    again = run_many([cfgs[v] for v in order], show_progress=False)
+    return {
+        v: (straight[v], records[v], runlog.read(s.run_dir))
+        for v, s in zip(order, again, strict=True)
+    }
+
+
+@pytest.mark.parametrize("extra", list(RESUME))
+def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
+    crashed: dict[str, Any], extra: str
+) -> None:
+    straight, resumed, again = crashed[extra]
+    progressive = "progressive" in extra
+    resumed_at = CRASH[extra][1]
+    resume = _event(resumed, "resume")
+    assert resume["step"] == resumed_at  # the last complete checkpoint before the crash
+    if progressive:  # a crash in phase 2 resumes in phase 2
+        assert resume["phase"] == 2 and _event(resumed, "end")["phase"] == 2
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == sorted(a)  # the file reads as one run: no duplicate steps
+    for step in range(resumed_at + 1, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
+    lrs = {r["step"]: r["lr"] for r in resumed if "lr" in r and "loss" in r}
+    assert lrs[12] == pytest.approx({r["step"]: r["lr"] for r in straight if "loss" in r}[12])
+    assert _event(resumed, "end")["eval_loss"] == pytest.approx(
+        _event(straight, "end")["eval_loss"], rel=1e-5
+    )
+
+    # A checkpoint missing one rank's commit marker is never loaded: back to the one before.
+    before = AGAIN[extra][1]
+    assert _event(again, "resume")["step"] == before
+    c = _losses(again)
+    for step in range(before + 1, 13):
+        assert c[step] == pytest.approx(a[step], rel=1e-5), (
+            f"step {step} after resuming at {before}"
+        )
+    if progressive:
+        assert _event(again, "resume")["phase"] == 1
+        # the file reads as one run: phase 2's start is logged once, after the resume
+        assert [r["phase"] for r in again if r.get("event") == "phase"] == [1, 2]
