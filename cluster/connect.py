@@ -91,6 +91,22 @@ def probe(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def _same_address(a: str, b: str) -> bool:
+    """host:port pairs naming the same GCS (hosts resolved: 127.0.0.1 vs the node IP
+    are told apart only if both resolve); ray:// client addresses compare as given."""
+    if a.startswith("ray://") or b.startswith("ray://"):
+        return a == b
+
+    def key(address: str) -> tuple[str, str]:
+        host, _, port = address.rpartition(":")
+        try:
+            return socket.gethostbyname(host), port
+        except OSError:
+            return host, port
+
+    return key(a) == key(b)
+
+
 def _local_gpus() -> int:
     import torch
 
@@ -104,6 +120,16 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
 
     env = dict(WORKER_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
     if ray.is_initialized():  # a caller (a test, a notebook) already connected
+        if cluster.address is not None and cluster.address != "auto":
+            # The config names a cluster: it must be the one this process is on.
+            probe(cluster.address)
+            current = ray.get_runtime_context().gcs_address
+            if not _same_address(cluster.address, current):
+                raise ConfigError(
+                    "cluster.address",
+                    f"this process is already connected to Ray at {current}, not "
+                    f"{cluster.address}; run from a fresh process (the graft CLI) to use another cluster",
+                )
         resources = ray.cluster_resources()
         check_capacity(
             scaling,

@@ -115,6 +115,29 @@ def test_an_unreachable_cluster_address_is_a_clear_error(tmp_path: Path, data_di
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
+def test_a_cluster_address_is_checked_even_beside_a_connected_session(
+    tmp_path: Path, data_dir: Path, ray_2cpus: None
+) -> None:
+    """In a process already on Ray (a notebook, this test worker), cluster.address must
+    still be honoured: nothing there is an error, another cluster too (it once trained
+    on the session's cluster instead, depending on which test ran first)."""
+    for address, says in (
+        ("127.0.0.1:1", "nothing answers"),
+        ("127.0.0.1:5432", "already connected to Ray"),  # PostgreSQL answers, Ray does not
+    ):
+        result = _cli(
+            "finetune",
+            *tiny_overrides(data_dir),
+            "cluster=remote",
+            f"cluster.address={address}",
+            f"run.output_dir={tmp_path}",
+        )
+        assert result.exit_code == 2, result.stdout
+        assert "cluster.address" in result.stderr and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_a_bad_value_is_a_clear_error_from_the_cli() -> None:
     result = _cli("finetune", "strategy=lora", "strategy.lora.r=0")
     assert (
