@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from conf.schema import ConfigError, FinetuneConfig
 from jobs import data as data_lib
@@ -105,3 +106,28 @@ def _check_objectives(cfg: FinetuneConfig) -> None:
                 raise ConfigError(
                     f"objectives[{i}].args", f"l2sp takes no args, got {sorted(term.args)}"
                 )
+        if term.name == "dann":
+            _check_dann(cfg, i, term.args)
+
+
+def _check_dann(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:
+    """DANN's args, its target file read as the workers will read it (unlabelled)."""
+    from jobs.objectives import dann
+
+    dann.check_args(index, args)
+    key = f"objectives[{index}].args.target_path"
+    if cfg.data.task != "classification":
+        raise ConfigError(
+            f"objectives[{index}].name",
+            f"dann aligns a classifier's features across domains; data.task={cfg.data.task} "
+            "is not supported yet (allowed: classification)",
+        )
+    # The target domain's training data is unlabelled: a label field is refused.
+    rows = dann.read_target(str(args["target_path"]), cfg.data, key=key)
+    world = cfg.scaling.num_workers
+    if len(rows) < world * cfg.train.micro_batch_size:
+        raise ConfigError(
+            key,
+            f"{len(rows)} target examples over {world} workers do not fill one micro batch "
+            f"of {cfg.train.micro_batch_size}",
+        )

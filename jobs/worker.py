@@ -200,6 +200,17 @@ class Run:
     # The phase's engine; start_phase replaces it (only this reference holds it, so
     # tearing it down frees its memory).
     current: PhaseEngine | None = None
+    streams: list[Stream] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Stream:
+    """A loss term's own training data (jobs.objectives), encoded: one micro batch of it
+    joins every training micro batch under the term's name."""
+
+    name: str
+    encoded: list[dict[str, Any]]
+    term: Any  # for its collate
 
 
 @dataclasses.dataclass
@@ -280,6 +291,14 @@ def setup(
     per_epoch = data_lib.micro_batches_per_epoch(
         len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
     )
+    # Loss terms with their own data (DANN's target domain): encoded once, streamed per phase.
+    readers: list[Any] = [
+        t for t in objectives.build(cfg.objectives) if hasattr(t, "stream_records")
+    ]
+    streams = [
+        Stream(t.name, t.encode(t.stream_records(cfg.data), tokenizer, cfg.data), t)
+        for t in readers
+    ]
     digest = config_digest(cfg)
     if not _ranks_agree(digest):
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
@@ -311,6 +330,7 @@ def setup(
         digest=digest,
         resume_from=resume_from,
         fail_at_step=fail_at_step,
+        streams=streams,
     )
 
 
@@ -523,13 +543,32 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         start_micro_step=state.micro_step,
         collate_fn=run.task.collate,
     )
+    extra = {
+        stream.name: data_lib.train_batches(
+            stream.encoded,
+            rank=run.rank,
+            world_size=run.world,
+            seed=train.seed + 1 + i,  # its own order, not the training data's
+            micro_batch_size=train.micro_batch_size,
+            pad_id=run.tokenizer.pad_token_id,
+            start_micro_step=state.micro_step,
+            collate_fn=stream.term.collate,
+        )
+        for i, stream in enumerate(run.streams)
+    }
+    total_micro = train.max_steps * train.grad_accum_steps
     engine.train()
     window = _Window()
     clock = time.time()
     while state.step < phase.end_step and not state.stopped_early:
         if _epochs_done(run, state):
             break
-        batch = next(batches)
+        batch: dict[str, Any] = next(batches)
+        for name, stream_batches in extra.items():
+            batch[name] = {
+                **next(stream_batches),
+                "progress": torch.tensor(state.micro_step / total_micro),
+            }
         outputs = engine(**batch)
         loss = outputs.loss
         engine.backward(loss)

@@ -54,6 +54,21 @@ def write_instructions(path: Path, n: int = 240, seed: int = 0) -> Path:
     return path
 
 
+def write_target_domain(path: Path, n: int = 96, seed: int = 1, labelled: bool = False) -> Path:
+    """The classification set's sentiment words in another domain's sentences (books
+    instead of films): DANN's unlabelled target data, or with labels its target eval."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            label = "pos" if i % 2 else "neg"
+            a, b = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2)
+            record = {"text": f"reading this novel felt {a}; its ending was {b}"}
+            if labelled:
+                record["label"] = label
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 # `make test` hands whole files to 2 pytest-xdist workers in collection order
 # (--dist loadfile --no-loadscope-reorder): the longest first, so the two end together
 # (longest-processing-time-first). Seconds per file as measured in a clean clone on
@@ -86,6 +101,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     write_classification(root / "cls.jsonl")
+    write_target_domain(root / "target.jsonl")
+    write_target_domain(root / "target_eval.jsonl", n=48, seed=2, labelled=True)
     write_instructions(root / "instruct.jsonl")
     (root / "text.txt").write_text(
         "\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3

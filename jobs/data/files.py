@@ -9,9 +9,14 @@ from pathlib import Path
 from conf.schema import ConfigError, DataConfig
 
 
-def _check_record(record: object, where: str, fields: tuple[str, ...], key: str) -> dict[str, str]:
+def _check_record(
+    record: object, where: str, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
+) -> dict[str, str]:
     if not isinstance(record, dict):
         raise ConfigError(key, f"{where}: expected a JSON object, got {type(record).__name__}")
+    present = [f for f in forbid if record.get(f) not in (None, "")]
+    if present:
+        raise ConfigError(key, f"{where}: has field(s) {present}, which this file must not have")
     missing = [f for f in fields if f not in record or record[f] in (None, "")]
     if missing:
         raise ConfigError(
@@ -21,7 +26,7 @@ def _check_record(record: object, where: str, fields: tuple[str, ...], key: str)
 
 
 def read_jsonl(
-    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str
+    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
 ) -> list[dict[str, str]]:
     records = []
     with path.open(encoding="utf-8") as f:
@@ -32,12 +37,12 @@ def read_jsonl(
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(key, f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            records.append(_check_record(record, f"{path}:{lineno}", fields, key))
+            records.append(_check_record(record, f"{path}:{lineno}", fields, key, forbid))
     return records
 
 
 def read_csv(
-    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str
+    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
 ) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -47,11 +52,13 @@ def read_csv(
                 f"{path}:1: header must name columns {list(fields)}, got {reader.fieldnames}",
             )
         # Line numbers count the header as line 1.
-        return [_check_record(row, f"{path}:{reader.line_num}", fields, key) for row in reader]
+        return [
+            _check_record(row, f"{path}:{reader.line_num}", fields, key, forbid) for row in reader
+        ]
 
 
 def read_text(
-    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str
+    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
 ) -> list[dict[str, str]]:
     if fields != (cfg.text_field,):
         raise ConfigError(key, f"{path}: a .txt file holds plain text; it needs data.task=text")
@@ -64,10 +71,16 @@ READERS = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv, ".txt": 
 
 
 def read(
-    name: str, cfg: DataConfig, fields: tuple[str, ...], *, key: str = "data.path"
+    name: str,
+    cfg: DataConfig,
+    fields: tuple[str, ...],
+    *,
+    key: str = "data.path",
+    forbid: tuple[str, ...] = (),
 ) -> list[dict[str, str]]:
     """The records of one file (``key`` is the config key that named it, for errors);
-    ``fields`` are the ones the task needs."""
+    ``fields`` are the ones the task needs, ``forbid`` ones a record must not have (an
+    unlabelled file's label)."""
     path = Path(name).expanduser()
     if not path.is_file():
         raise ConfigError(key, f"{name} does not exist or is not a file")
@@ -76,7 +89,7 @@ def read(
         raise ConfigError(
             key, f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}"
         )
-    records = reader(path, cfg, fields, key)
+    records = reader(path, cfg, fields, key, forbid)
     if not records:
         raise ConfigError(key, f"{path} holds no examples")
     return records

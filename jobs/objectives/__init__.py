@@ -10,7 +10,12 @@ A term is one file here and one line in ``TERMS``. It may
   a second task's head); modules it returns are trained and checkpointed with the model
   and left out of the export;
 - ``prepare`` a batch (add a second data stream's batch, a teacher's logits);
-- give its ``value`` for a batch, after the model's forward, logged by name.
+- give its ``value`` for a batch, after the model's forward, logged by name, and more
+  values to log in ``metrics`` (by full name, e.g. ``dann_domain_accuracy``);
+- have its own data stream: ``stream_records(data)``, ``encode`` and ``collate``; the
+  worker then puts one micro batch of it under the term's name in every training batch
+  (sharded like the training data, keyed by the micro step so a resume sees the same
+  ones), with the run's ``progress`` (0 to 1) beside it.
 
 ``Objective`` is the module DeepSpeed wraps: the model plus the terms' modules. Its
 forward returns the model's outputs with ``loss`` replaced by the total and ``terms``
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
-from jobs.objectives import l2sp
+from jobs.objectives import dann, l2sp
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Term(Protocol):
 
 TERMS: dict[str, Callable[[TermConfig], Term]] = {
     "l2sp": l2sp.L2SP,
+    "dann": dann.DANN,
 }
 
 # Where Objective keeps the wrapped model and the terms' modules (export strips these).
@@ -106,10 +112,17 @@ class Objective(nn.Module):
         for term in self.loss_terms:
             value = term.value(outputs, batch)
             values[term.name] = value.detach()
+            values.update(getattr(term, "metrics", {}))
             total = total + term.weight * value
         outputs.loss = total
         outputs.terms = values
         return outputs
+
+
+def streams(module: nn.Module) -> list[Any]:
+    """The terms (of an ``Objective``) that read their own data stream."""
+    terms = module.loss_terms if isinstance(module, Objective) else []
+    return [t for t in terms if hasattr(t, "stream_records")]
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -39,6 +39,7 @@ class L2SP:
         if unknown:
             raise ConfigError(f"objectives.{cfg.name}.args", f"l2sp takes no args, got {unknown}")
         self._total: torch.Tensor | None = None
+        self._counted: set[nn.Module] = set()  # owners summed since the last prepare
         self._handles: list[Any] = []
 
     def attach(self, model: nn.Module, context: Any) -> nn.Module:
@@ -78,6 +79,9 @@ class L2SP:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not module.training or not torch.is_grad_enabled():
                 return
+            if holder in self._counted:  # a second forward in one step (DANN's target batch)
+                return
+            self._counted.add(holder)
             share = sum(
                 (getattr(module, n) - getattr(holder, n).detach()).pow(2).sum() for n in names
             )
@@ -88,6 +92,7 @@ class L2SP:
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._total = None  # each forward sums afresh
+        self._counted = set()
         return batch
 
     def value(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

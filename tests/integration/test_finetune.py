@@ -51,6 +51,13 @@ STRATEGIES = {
     "lora": ["strategy=lora", "strategy.lora.r=8"],
 }
 L2SP = "objectives=[{name:l2sp,weight:0.01}]"
+DANN_RUN = [
+    "train.max_steps=20",
+    "train.lr=2e-3",
+    "train.eval_every=10",
+    "train.checkpoint_every=10",
+    "data.max_length=48",
+]
 # The matrix runs also carry checks that need the same kind of run: freeze_depth under
 # ZeRO-0 and ZeRO-3 with the L2-SP term (the same penalty under both), under ZeRO-2
 # with the term at weight 0 (logged, no effect: the reference for "l2sp-strong"); LoRA
@@ -73,6 +80,10 @@ PROGRESSIVE = {f"zero{stage}": [f"deepspeed=zero{stage}"] for stage in (0, 1, 2,
         "strategy.progressive.rewarmup_steps=2",
     ]
 }
+
+
+def dann_term(data_dir: Path) -> str:
+    return f"objectives=[{{name:dann,weight:0.1,args:{{target_path:{data_dir / 'target.jsonl'}}}}}]"
 
 
 def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
@@ -119,6 +130,8 @@ def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
         + STRATEGIES["freeze_depth+lr_ratio"]
         + ["deepspeed=zero2", "objectives=[{name:l2sp,weight:1.0}]"]
     )
+    for stage in (2, 3):  # DANN: the target domain's stream beside the source batches
+        runs[f"dann-zero{stage}"] = cls + [f"deepspeed=zero{stage}", *DANN_RUN, dann_term(data_dir)]
     runs["l2sp-progressive-classify"] = cls + [
         "deepspeed=zero3",
         "strategy=progressive",
@@ -340,3 +353,27 @@ def test_test_split_is_reported_only_and_l2sp_with_progressive(
     assert l2sp[40] > 0
     dataset = data_lib.load(cfg.data)
     assert len(dataset.test) == 48 and len(dataset.train) + len(dataset.eval) == 192
+
+
+# --------------------------------------------------------------------------- DANN
+def test_dann_trains_a_domain_classifier_the_same_under_zero2_and_zero3(
+    gang: dict[str, Any],
+) -> None:
+    from jobs.objectives.dann import ganin_lambda
+
+    logged = {}
+    for stage in (2, 3):
+        cfg, records, run_dir = gang[f"dann-zero{stage}"]
+        steps = [r for r in records if "loss" in r and "event" not in r]
+        assert [r["step"] for r in steps] == list(range(1, 21))
+        for r in steps:  # one micro step per step: progress = (step - 1) / 20
+            assert r["dann_lambda"] == pytest.approx(ganin_lambda((r["step"] - 1) / 20), abs=1e-6)
+            assert 0.0 <= r["dann_domain_accuracy"] <= 1.0 and r["dann"] > 0
+        logged[stage] = {r["step"]: r["dann"] for r in steps}
+        end = _event(records, "end")
+        assert _event(records, "baseline")["eval_loss"] - end["eval_loss"] > 0.01
+        # The domain classifier is not part of the export, which scores what training ended on.
+        assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
+    # The classifier is partitioned with the model under ZeRO-3: the same term, step by step.
+    for step, value in logged[2].items():
+        assert logged[3][step] == pytest.approx(value, rel=1e-3), step

@@ -18,7 +18,7 @@ from jobs import runlog
 from jobs.config import compose
 from jobs.finetune import FAIL_AT_STEP_ENV, run, run_many
 from tests.conftest import tiny_overrides
-from tests.integration.test_finetune import _event, _losses
+from tests.integration.test_finetune import _event, _losses, dann_term
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
 
@@ -26,6 +26,8 @@ RESUME = {
     "zero3-lora": ["deepspeed=zero3", "strategy=lora", "strategy.lr_ratio=0.7"],
     "zero2-freeze_depth": ["deepspeed=zero2", "strategy=freeze_depth", "strategy.lr_ratio=0.5"],
     # 3 phases of 4 steps; checkpoints at 4, 5, 8, 10, 12 (every 5 and at each phase end)
+    # DANN's target stream resumes at the micro step it stopped at
+    "zero2-dann": ["deepspeed=zero2", "DANN"],
     "zero3-progressive": [
         "deepspeed=zero3",
         "strategy=progressive",
@@ -35,15 +37,23 @@ RESUME = {
     ],
 }
 RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
+# Configs of another task than tiny_overrides' default (instruction tuning).
+RESUME_TASK = {"zero2-dann": "classification"}
 
 
-CRASH = {"zero3-lora": (9, 6), "zero2-freeze_depth": (9, 6), "zero3-progressive": (11, 10)}
+CRASH = {
+    "zero3-lora": (9, 6),
+    "zero2-freeze_depth": (9, 6),
+    "zero2-dann": (9, 6),
+    "zero3-progressive": (11, 10),
+}
 # After the resumed runs, commit markers are removed from the newest checkpoint(s): the
 # run must go back to this one (for progressive: step 8, written at the end of phase 1
 # by phase 1's engine; the run then starts phase 2 from those weights).
 AGAIN = {
     "zero3-lora": ([12], 6),
     "zero2-freeze_depth": ([12], 6),
+    "zero2-dann": ([12], 6),
     "zero3-progressive": ([12, 10], 8),
 }
 
@@ -61,9 +71,10 @@ def crashed(
     order = sorted(RESUME, key=lambda v: "zero3" in v)
 
     def config(v: str, name: str) -> Any:
+        extra = [dann_term(data_dir) if o == "DANN" else o for o in RESUME[v]]
         return compose(
-            tiny_overrides(data_dir)
-            + RESUME[v]
+            tiny_overrides(data_dir, task=RESUME_TASK.get(v, "instruction"))
+            + extra
             + RESUME_SCHEDULE
             + [f"run.output_dir={out}", f"run.name={name}-{v}"]
         )
@@ -112,6 +123,12 @@ def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
     assert sorted(b) == sorted(a)  # the file reads as one run: no duplicate steps
     for step in range(resumed_at + 1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
+    if "dann" in extra:  # the target stream picked up where it stopped: the same term values
+        terms = [
+            {r["step"]: r["dann"] for r in recs if "dann" in r} for recs in (straight, resumed)
+        ]
+        for step in range(resumed_at + 1, 13):
+            assert terms[1][step] == pytest.approx(terms[0][step], rel=1e-5), f"dann, step {step}"
     lrs = {r["step"]: r["lr"] for r in resumed if "lr" in r and "loss" in r}
     assert lrs[12] == pytest.approx({r["step"]: r["lr"] for r in straight if "loss" in r}[12])
     assert _event(resumed, "end")["eval_loss"] == pytest.approx(
