@@ -11,7 +11,7 @@ export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning lock clean
+.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann lock clean
 
 install: $(STAMP)
 
@@ -47,7 +47,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Each writes runs/bench/<name>.json and <name>.md; ~1 h in all on 2 cores.
-bench: bench-transfer bench-overhead bench-memory bench-pruning
+bench: bench-transfer bench-overhead bench-memory bench-pruning bench-dann
 
 # Two real tasks: WordNet supersenses (+ SmolLM2 LoRA) and stdlib docstrings by area.
 bench-transfer: install-models
@@ -62,6 +62,10 @@ bench-memory: install
 
 bench-pruning: install
 	$(PY) tests/benchmarks/bench_sweep_pruning.py
+
+# DANN on a real domain shift: stdlib class/method docstrings -> function docstrings.
+bench-dann: install
+	$(PY) tests/benchmarks/bench_dann.py
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^graft' | sed 's/+cpu$$//' > constraints.txt

@@ -112,7 +112,9 @@ def _first_sentence(doc: str) -> str:
     return (match.group(1) if match else para).strip()
 
 
-def _docs(module_name: str) -> list[str]:
+def _docs(module_name: str) -> list[tuple[str, str]]:
+    """(first sentence, kind) of each public member's docstring; kind is "function"
+    (functions and builtins) or "class" (a class and its methods)."""
     module = importlib.import_module(module_name)
     texts = []
     for name, obj in sorted(vars(module).items()):
@@ -128,19 +130,28 @@ def _docs(module_name: str) -> list[str]:
             members += [
                 m for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m)
             ]
+        kind = "class" if inspect.isclass(obj) else "function"
         for member in members:
             doc = inspect.getdoc(member)
             if doc:
-                texts.append(_first_sentence(doc))
+                texts.append((_first_sentence(doc), kind))
     return texts
 
 
-def examples(min_words: int = 4) -> list[dict[str, str]]:
-    """[{"text", "label"}] with each text once (a text seen under two areas is dropped)."""
+def examples(min_words: int = 4, kind: str | None = None) -> list[dict[str, str]]:
+    """[{"text", "label"}] with each text once (a text seen under two areas is dropped).
+    ``kind``: only "function" docstrings, or only "class" ones (classes and their
+    methods): two domains with the same labels (jobs/objectives/dann.py's benchmark)."""
     by_text: dict[str, set[str]] = {}
+    kinds: dict[str, set[str]] = {}
     for area, modules in AREAS.items():
         for module_name in modules:
-            for text in _docs(module_name):
+            for text, found in _docs(module_name):
                 if len(text.split()) >= min_words:
                     by_text.setdefault(text, set()).add(area)
-    return [{"text": t, "label": next(iter(a))} for t, a in sorted(by_text.items()) if len(a) == 1]
+                    kinds.setdefault(text, set()).add(found)
+    return [
+        {"text": t, "label": next(iter(a))}
+        for t, a in sorted(by_text.items())
+        if len(a) == 1 and (kind is None or kinds[t] == {kind})
+    ]
