@@ -116,11 +116,11 @@ def _check_dann(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:
 
     dann.check_args(index, args)
     key = f"objectives[{index}].args.target_path"
-    if cfg.data.task != "classification":
+    if cfg.data.label_field not in tasks.get(cfg.model).fields(cfg.data):
         raise ConfigError(
             f"objectives[{index}].name",
             f"dann aligns a classifier's features across domains; data.task={cfg.data.task} "
-            "is not supported yet (allowed: classification)",
+            "has no labels to classify (allowed: classification)",
         )
     # The target domain's training data is unlabelled: a label field is refused.
     rows = dann.read_target(str(args["target_path"]), cfg.data, key=key)

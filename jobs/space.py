@@ -26,8 +26,34 @@ FIXED_SECTIONS = ("run", "cluster", "scaling", "sweep")
 BLOCKS_KEYS = ("strategy.num_trainable_blocks", "strategy.progressive.final_blocks")
 
 
+# A loss term's knob, addressed by the term's name: objectives.<name>.weight or
+# objectives.<name>.args.<arg> (the list index is found in the trial's config).
+TERM_KEY = "objectives."
+
+
+def _term_path(cfg: FinetuneConfig, key: str) -> str:
+    """``objectives.<name>.<rest>`` as the OmegaConf path ``objectives.<i>.<rest>``;
+    ConfigError unless the config has that term and <rest> is weight or args.<arg>."""
+    _, name, *rest = key.split(".")
+    names = [t.name for t in cfg.objectives]
+    if name not in names:
+        raise ConfigError(
+            "key",
+            f"{key!r}: no loss term {name!r} in objectives (the config has {names or 'none'}); "
+            "add it to objectives to sweep its knobs",
+        )
+    if rest != ["weight"] and not (len(rest) == 2 and rest[0] == "args"):
+        raise ConfigError(
+            "key",
+            f"{key!r}: a loss term's knobs are objectives.{name}.weight or objectives.{name}.args.<arg>",
+        )
+    return ".".join(["objectives", str(names.index(name)), *rest])
+
+
 def _check_key(key: str) -> None:
     """ConfigError unless ``key`` is a dotted path to a value of FinetuneConfig."""
+    if key.startswith(TERM_KEY):
+        return  # checked against the config's terms (_term_path)
     node: Any = FinetuneConfig
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -149,6 +175,11 @@ def check_space(cfg: FinetuneConfig, *, num_blocks: int) -> dict[str, ParamSpec]
                 f"sweep.space.{name}.key", f"{spec.key!r} is already set by {keys[spec.key]!r}"
             )
         _check_param(name, spec, num_blocks, seen)
+        if spec.key.startswith(TERM_KEY):
+            try:
+                _term_path(cfg, spec.key)
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space.{name}.key", str(e).split(": ", 1)[1]) from None
         if spec.key == "strategy.progressive.unfreeze_every" and spec.high is not None:
             if spec.high >= cfg.train.max_steps:
                 raise ConfigError(
@@ -222,7 +253,8 @@ def apply(
             value = int(value)
         elif spec.type in ("float", "log_float"):
             value = float(value)
-        OmegaConf.update(node, spec.key, value, merge=False)
+        key = _term_path(base, spec.key) if spec.key.startswith(TERM_KEY) else spec.key
+        OmegaConf.update(node, key, value, merge=False)
     cfg = OmegaConf.to_object(node)
     assert isinstance(cfg, FinetuneConfig)
     cfg.check()

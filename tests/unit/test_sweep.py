@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conf.schema import ConfigError
+from conf.schema import ConfigError, FinetuneConfig, ParamSpec
 from jobs import space as space_lib
 from jobs import study as study_lib
 from jobs.config import compose, run_name
@@ -648,3 +648,36 @@ def test_drivers_opening_a_new_postgresql_database_at_once_do_not_collide() -> N
                     cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     finally:
         admin.close()
+
+
+def test_a_loss_terms_knobs_are_sweep_parameters(data_dir: Path) -> None:
+    """objectives.<name>.weight and objectives.<name>.args.<arg> address a term by name
+    (in a space file: `dann_weight: {key: objectives.dann.weight, type: log_float, ...}`)."""
+    target = data_dir / "target.jsonl"
+    term = f"objectives=[{{name:dann,weight:0.1,args:{{target_path:{target}}}}}]"
+
+    def with_knobs(**knobs: ParamSpec) -> FinetuneConfig:
+        cfg = compose(tiny_overrides(data_dir, task="classification") + [term], "sweep")
+        assert cfg.sweep is not None
+        cfg.sweep.space.update(knobs)
+        return cfg
+
+    cfg = with_knobs(
+        dann_weight=ParamSpec(key="objectives.dann.weight", type="log_float", low=0.01, high=1.0),
+        dann_lambda=ParamSpec(key="objectives.dann.args.lambda", type="float", low=0.1, high=1.0),
+    )
+    space, _ = check(cfg)
+    params = {"strategy": "full", "lr": 1e-3, "lr_ratio": 1.0, "dann_weight": 0.3}
+    params["dann_lambda"] = 0.5
+    trial = space_lib.apply(space_lib.trial_base(cfg), space, params)
+    assert trial.objectives[0].weight == 0.3 and trial.objectives[0].args["lambda"] == 0.5
+    assert trial.objectives[0].args["target_path"] == str(target)  # the rest as given
+    assert cfg.objectives[0].weight == 0.1  # the base is left as it was
+    for key, says in (
+        ("objectives.l2sp.weight", "no loss term 'l2sp' in objectives"),
+        ("objectives.dann.hidden", "objectives.dann.args.<arg>"),
+    ):
+        bad = with_knobs(x=ParamSpec(key=key, type="float", low=0.1, high=1.0))
+        with pytest.raises(ConfigError) as info:
+            check(bad)
+        assert info.value.key == "sweep.space.x.key" and says in str(info.value), str(info.value)
