@@ -33,8 +33,8 @@ demo: install
 	$(VENV)/bin/graft finetune
 
 # Two pytest workers, a test file each at a time, the slowest files first (the order
-# is tests/conftest.py's SLOWEST_FIRST): most of a Ray test's wall time is process
-# start-up and polling, not CPU, so two files overlap well on 2 cores.
+# is tests/conftest.py's SLOWEST_FIRST), so the two end together. On 2 cores the suite
+# is CPU-bound (measured: load average 7-8): the overlap hides waits, not work.
 test: install
 	$(PY) -m pytest -m "not slow" -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 

@@ -92,8 +92,9 @@ def probe(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _same_address(a: str, b: str) -> bool:
-    """host:port pairs naming the same GCS (hosts resolved: 127.0.0.1 vs the node IP
-    are told apart only if both resolve); ray:// client addresses compare as given."""
+    """Whether two host:port addresses name the same GCS, hosts resolved to IPs (so a
+    name and its IP match; 127.0.0.1 and the node's own IP do not). ray:// client
+    addresses compare as given."""
     if a.startswith("ray://") or b.startswith("ray://"):
         return a == b
 

@@ -119,12 +119,6 @@ class Objective(nn.Module):
         return outputs
 
 
-def streams(module: nn.Module) -> list[Any]:
-    """The terms (of an ``Objective``) that read their own data stream."""
-    terms = module.loss_terms if isinstance(module, Objective) else []
-    return [t for t in terms if hasattr(t, "stream_records")]
-
-
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside an ``Objective`` (the module itself otherwise)."""
     return module.model if isinstance(module, Objective) else module
