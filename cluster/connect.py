@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
+from pathlib import Path
 from typing import Any
 
 from conf.schema import ClusterConfig, ConfigError, ScalingConfig
@@ -38,8 +40,6 @@ def enable_token_auth() -> bool:
     """Ray 2.60 clusters want a token; a client sends it only when RAY_AUTH_MODE=token.
     Turn that on when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token) and the user did not choose a mode. True if a token is set up."""
-    from pathlib import Path
-
     if os.environ.get("RAY_AUTH_MODE"):
         return os.environ["RAY_AUTH_MODE"] == "token"
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
@@ -49,8 +49,43 @@ def enable_token_auth() -> bool:
     return False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+# Ports no graft-started server may take: Redis, and Ray's fixed defaults (another Ray
+# on this machine started without graft would want them).
+RESERVED_PORTS = frozenset({6379, 8265, 10001, 52365, 8076, 8080})
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local port of outgoing connections (Linux)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; IANA's 49152-65535 is the other common one
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A loopback TCP port that is free now and outside the kernel's ephemeral range.
+
+    A port picked now and bound later by a server process can be lost in between. From
+    the ephemeral range it is lost whenever any process on the machine opens a
+    connection (the kernel hands out that range as local ports: every Ray worker,
+    gloo peer and database client does so all the time); outside it only another
+    explicit pick can take it. Ray picks its own random ports the same way."""
+    rng = rng or random.SystemRandom()
+    low, high = ephemeral_range()
+    candidates = [r for r in ((high + 1, 65535), (20000, low - 1)) if r[1] - r[0] >= 100]
+    for _ in range(200):
+        start, end = rng.choice(candidates) if candidates else (1024, 65535)
+        port = rng.randint(start, end)
+        if port in RESERVED_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the whole space is busy: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

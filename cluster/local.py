@@ -57,24 +57,32 @@ def _ray() -> str:
 
 
 def _node_ports() -> list[str]:
-    """Ports a node would otherwise take from fixed defaults (two nodes on one host
-    must not collide); Redis's 6379 is never among them."""
-    low = free_port()
+    """Every port a node opens besides the head's GCS, dashboard and client server: 0,
+    so each process binds one the kernel gives it (two nodes on one host never collide,
+    and no port is picked ahead for another process to take first). Only the dashboard
+    agent's has a fixed default (52365) to override; Redis's 6379 is never among them."""
     return [
-        f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-        f"--min-worker-port={min(low, 60000)}",
-        f"--max-worker-port={min(low, 60000) + 200}",
+        "--node-manager-port=0",
+        "--object-manager-port=0",
+        "--dashboard-agent-listen-port=0",
+        "--dashboard-agent-grpc-port=0",
+        "--metrics-export-port=0",
+        "--runtime-env-agent-port=0",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
     ]
 
 
-def _wait_http(url: str, timeout_s: float) -> bool:
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    while time.time() < deadline and (proc is None or proc.poll() is None):
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status < 500:
@@ -99,6 +107,39 @@ def _alive_nodes(dashboard: str) -> int:
     )
 
 
+def _node_failed(i: int, proc: subprocess.Popen[bytes], logs: Path) -> str | None:
+    """Why node ``i`` is gone, if its `ray start --block` exited."""
+    if proc.poll() is None:
+        return None
+    log = logs / f"node-{i}.log"
+    what = "the Ray head" if i == 0 else f"worker node {i}"
+    return (
+        f"{what} exited with code {proc.returncode} while starting; {log} ends:\n{_log_tail(log)}"
+    )
+
+
+def ensure_token(env: dict[str, str]) -> Path | None:
+    """The token the nodes of a new cluster share: RAY_AUTH_TOKEN, the file at
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, made (mode 600) where none exists yet, as
+    `ray.init` does for an embedded cluster. Returns the file it wrote, if any."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return None
+    if given := env.get("RAY_AUTH_TOKEN_PATH"):
+        if not Path(given).is_file():
+            raise RuntimeError(f"RAY_AUTH_TOKEN_PATH={given}: no such file (the cluster's token)")
+        return None
+    path = Path(env.get("HOME") or Path.home()) / ".ray" / "auth_token"
+    if path.is_file():
+        return None
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, like Ray's own generator
+    return path
+
+
 def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]:
     """Start a head (``num_cpus``) and ``workers`` worker nodes (``num_cpus`` each)."""
     current = read_state()
@@ -112,10 +153,12 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
     gcs_port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{gcs_port}"
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    # Token auth, as Ray 2.60's default: the head makes ~/.ray/auth_token if there is
-    # none; worker nodes (and clients) send it only with RAY_AUTH_MODE=token.
+    # Token auth, as Ray 2.60's default; nodes and clients send the token only with
+    # RAY_AUTH_MODE=token, and `ray start --head` makes no token where there is none.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.setdefault("RAY_AUTH_MODE", "token")
+    if env["RAY_AUTH_MODE"] == "token":
+        ensure_token(env)
     # Jobs run `python -m cluster.cli ...` on the head: the same Python as this graft.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     common = [
@@ -149,23 +192,30 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
         "num_cpus": num_cpus,
         "workers": workers,
     }
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, command in enumerate(commands):
             log = (logs / f"node-{i}.log").open("w")
             proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+            procs.append(proc)
             pids.append(proc.pid)
             state_path().write_text(json.dumps(state, indent=2))
-            if i == 0 and not _wait_http(f"{dashboard}/api/version", timeout_s):
+            if i == 0 and not _wait_http(f"{dashboard}/api/version", timeout_s, proc):
                 raise RuntimeError(
-                    f"the Ray head did not come up in {timeout_s:.0f}s; see {logs / 'node-0.log'}"
+                    _node_failed(0, proc, logs)
+                    or f"the Ray head did not come up in {timeout_s:.0f}s; see {logs / 'node-0.log'}"
                 )
         deadline = time.time() + timeout_s
         while _alive_nodes(dashboard) < workers + 1:
+            for i, proc in enumerate(procs):
+                if failed := _node_failed(i, proc, logs):
+                    raise RuntimeError(failed)
             if time.time() > deadline:
                 raise RuntimeError(
-                    f"only {_alive_nodes(dashboard)} of {workers + 1} nodes came up; see {logs}"
+                    f"only {_alive_nodes(dashboard)} of {workers + 1} nodes came up in "
+                    f"{timeout_s:.0f}s; see {logs}"
                 )
             time.sleep(1)
     except BaseException:

@@ -40,10 +40,14 @@ def _graft(
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`graft cluster up --num-cpus 1 --workers 1`; `graft cluster down` after the module."""
-    env = dict(os.environ, GRAFT_HOME=str(tmp_path_factory.mktemp("graft_home")))
+    """`graft cluster up --num-cpus 1 --workers 1`; `graft cluster down` after the module.
+    As on a fresh machine: a HOME with no ~/.ray, so no token yet (`up` makes it)."""
+    home = tmp_path_factory.mktemp("home")
+    env = dict(os.environ, HOME=str(home), GRAFT_HOME=str(home / ".graft"))
+    env.pop("RAY_AUTH_TOKEN", None), env.pop("RAY_AUTH_TOKEN_PATH", None)
     up = _graft("cluster", "up", "--num-cpus", "1", "--workers", "1", env=env)
     assert up.returncode == 0, up.stderr[-2000:]
+    assert (home / ".ray" / "auth_token").is_file()
     state = json.loads((Path(env["GRAFT_HOME"]) / "cluster.json").read_text())
     status = _graft("cluster", "status", env=env)
     assert "2 alive" in status.stdout and "2/2 node processes alive" in status.stdout
