@@ -50,9 +50,12 @@ def run_name(cfg: FinetuneConfig) -> str:
     return config_lib.run_name(cfg)
 
 
-# Test-only fault injection, kept out of the config schema: every worker raises right
-# after this step (read on the driver, handed to the workers).
+# Test-only fault injection, kept out of the config schema (read on the driver, handed
+# to the workers): every worker raises right after this step (its gang dies) ...
 FAIL_AT_STEP_ENV = "GRAFT_FAIL_AT_STEP"
+# ... or, in a pool's gang, the run stops there as a cancelled one does (its engine torn
+# down, its checkpoints left as they are) and the gang takes the next run.
+STOP_AT_STEP_ENV = "GRAFT_STOP_AT_STEP"
 
 
 @dataclasses.dataclass
@@ -63,8 +66,8 @@ class Summary:
 
 
 def debug_knobs() -> dict[str, Any]:
-    value = os.environ.get(FAIL_AT_STEP_ENV)
-    return {"fail_at_step": int(value)} if value else {}
+    knobs = {"fail_at_step": FAIL_AT_STEP_ENV, "stop_at_step": STOP_AT_STEP_ENV}
+    return {key: int(os.environ[env]) for key, env in knobs.items() if os.environ.get(env)}
 
 
 def make_trainer(

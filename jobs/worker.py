@@ -91,6 +91,7 @@ def serve(spec: dict[str, Any], *, rank: int, world: int) -> None:
                 world=world,
                 started=job["started"],
                 fail_at_step=job.get("fail_at_step"),
+                stop_at_step=job.get("stop_at_step"),
                 report=_PoolReport(dispatcher, job["run_id"], rank),
             )
         except Cancelled:
@@ -193,6 +194,7 @@ class Run:
     digest: str
     resume_from: Path | None
     fail_at_step: int | None = None
+    stop_at_step: int | None = None  # (a pool's run: stops there as if cancelled)
     # Where reports go (ray.train.report, or a pool's dispatcher), and what runs after
     # every optimizer step (a pool run's cancellation check): see train_one.
     report: Any = None
@@ -229,12 +231,14 @@ def train_one(
     world: int,
     started: float,
     fail_at_step: int | None = None,
+    stop_at_step: int | None = None,
     report: Any = None,
 ) -> None:
     """One run, start (or resume) to finish. ``report(metrics, final=)`` receives each
     evaluation/checkpoint report (default: ``ray.train.report``); it may raise to stop
     the run (a pool's cancellation), which tears the run's engine down first."""
     run = setup(cfg, run_dir, rank=rank, world=world, started=started, fail_at_step=fail_at_step)
+    run.stop_at_step = stop_at_step
     run.report = report or _train_report
     run.poll = getattr(report, "poll", None) or (lambda: None)
     state = State()
@@ -613,6 +617,8 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
             _report(run, engine, record, state, save=save or state.stopped_early)
         if run.fail_at_step is not None and state.step == run.fail_at_step:
             raise RuntimeError(f"GRAFT_FAIL_AT_STEP={run.fail_at_step}: injected failure")
+        if run.stop_at_step is not None and state.step == run.stop_at_step:
+            raise Cancelled(f"GRAFT_STOP_AT_STEP={run.stop_at_step}")
 
 
 def _epochs_done(run: Run, state: State) -> bool:

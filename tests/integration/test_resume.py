@@ -1,6 +1,7 @@
-"""A crash mid-run, on a real local Ray with real DeepSpeed over gloo, 2 workers: the
-rerun resumes from the last complete checkpoint (in the phase that wrote it) and
-trains on with the same losses as a run that never crashed.
+"""A run interrupted mid-run (a crash that kills its gang, or a stop), on a real local
+Ray with real DeepSpeed over gloo, 2 workers: the rerun resumes from the last complete
+checkpoint (in the phase that wrote it) and trains on with the same losses as a run that
+never stopped. All in one pool (jobs.pool): two gang start-ups instead of one per crash.
 
     pytest tests/integration/test_resume.py
 
@@ -16,7 +17,8 @@ import pytest
 
 from jobs import runlog
 from jobs.config import compose
-from jobs.finetune import FAIL_AT_STEP_ENV, run, run_many
+from jobs.finetune import FAIL_AT_STEP_ENV, STOP_AT_STEP_ENV
+from jobs.pool import Pool
 from tests.conftest import tiny_overrides
 from tests.integration.test_finetune import _event, _losses, dann_term
 
@@ -58,17 +60,24 @@ AGAIN = {
 }
 
 
+# How each run is interrupted at CRASH[v][0]: a real crash (every worker raises, the
+# gang dies, the pool starts a fresh one) or a stop as a cancelled run's (the engine torn
+# down, the gang lives on). Either way what the rerun finds is what the run left on disk.
+HARD_CRASH = {"zero3-progressive"}
+
+
 @pytest.fixture(scope="module")
 def crashed(
     tmp_path_factory: pytest.TempPathFactory, data_dir: Path, ray_2cpus: None
 ) -> dict[str, tuple[list[dict[str, Any]], ...]]:
-    """Each RESUME config crashed (its own gang: the crash ends it), then all resumed in
-    one gang beside the same configs run straight through, then, with the newest
-    checkpoints made incomplete, all resumed again in one gang.
+    """One pool of one gang: each RESUME config interrupted (zero3-progressive last, by a
+    crash that kills the gang), then, in the fresh gang and ZeRO-2 configs first, the
+    same configs run straight through, the interrupted ones resumed, and, with the newest
+    checkpoints made incomplete, resumed again.
     Returns {variant: (straight records, resumed records, again records)}."""
     out = tmp_path_factory.mktemp("crashed")
-    # ZeRO-3 last (see test_finetune's `gang`)
-    order = sorted(RESUME, key=lambda v: "zero3" in v)
+    # ZeRO-3 last (see test_finetune's `gang`); the hard crash last of all
+    order = sorted(RESUME, key=lambda v: ("zero3" in v, v in HARD_CRASH))
 
     def config(v: str, name: str) -> Any:
         extra = [dann_term(data_dir) if o == "DANN" else o for o in RESUME[v]]
@@ -81,31 +90,44 @@ def crashed(
 
     cfgs = {v: config(v, "crashy") for v in order}
     straight_cfgs = {v: config(v, "straight") for v in order}
-    with pytest.MonkeyPatch.context() as patch:
+    pool = Pool.start(cfgs[order[0]], slots=1, root=out / "pool")
+    records: dict[str, tuple[list[dict[str, Any]], ...]] = {}
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for v in order:  # the knob is read at submission
+                env = FAIL_AT_STEP_ENV if v in HARD_CRASH else STOP_AT_STEP_ENV
+                patch.setenv(env, str(CRASH[v][0]))
+                pool.submit(f"crashy-{v}", cfgs[v], out / cfgs[v].run.name)
+                patch.delenv(env)
         for v in order:
-            patch.setenv(FAIL_AT_STEP_ENV, str(CRASH[v][0]))
-            with pytest.raises(Exception, match="GRAFT_FAIL_AT_STEP"):
-                run(cfgs[v], show_progress=False)
-    both = sorted(
-        [(v, "straight") for v in order] + [(v, "resumed") for v in order],
-        key=lambda pair: "zero3" in pair[0],
-    )
-    done = run_many(
-        [straight_cfgs[v] if kind == "straight" else cfgs[v] for v, kind in both],
-        show_progress=False,
-    )
-    by_kind = {pair: s for pair, s in zip(both, done, strict=True)}
-    resumed = [by_kind[(v, "resumed")] for v in order]
-    records = {v: runlog.read(s.run_dir) for v, s in zip(order, resumed, strict=True)}
-    straight = {v: runlog.read(by_kind[(v, "straight")].run_dir) for v in order}
-    for v, s in zip(order, resumed, strict=True):
-        for step in AGAIN[v][0]:
-            (s.run_dir / "checkpoints" / f"step_{step:08d}" / "COMMITTED.rank1").unlink()
-    again = run_many([cfgs[v] for v in order], show_progress=False)
-    return {
-        v: (straight[v], records[v], runlog.read(s.run_dir))
-        for v, s in zip(order, again, strict=True)
-    }
+            if v in HARD_CRASH:
+                with pytest.raises(RuntimeError, match="GRAFT_FAIL_AT_STEP"):
+                    list(pool.results(f"crashy-{v}"))
+            else:
+                assert not [r for r in pool.results(f"crashy-{v}") if r.get("final")]
+        for stage in ("zero2", "zero3"):
+            variants = [v for v in order if v.startswith(stage)]
+            runs = [(f"straight-{v}", straight_cfgs[v]) for v in variants]
+            runs += [(f"resumed-{v}", cfgs[v]) for v in variants]
+            finals = pool.run_all([(rid, cfg, out / cfg.run.name) for rid, cfg in runs])
+            assert [f.get("final") for f in finals] == [1] * len(runs)
+            resumed = {v: runlog.read(out / cfgs[v].run.name) for v in variants}
+            for v in variants:
+                for step in AGAIN[v][0]:
+                    marker = f"checkpoints/step_{step:08d}/COMMITTED.rank1"
+                    (out / cfgs[v].run.name / marker).unlink()
+            again = [(f"again-{v}", cfgs[v], out / cfgs[v].run.name) for v in variants]
+            assert [f.get("final") for f in pool.run_all(again)] == [1] * len(variants)
+            for v in variants:
+                records[v] = (
+                    runlog.read(out / straight_cfgs[v].run.name),
+                    resumed[v],
+                    runlog.read(out / cfgs[v].run.name),
+                )
+    finally:
+        fits = pool.close()
+    assert fits == [2]  # the interrupted runs' gang, and the fresh one after the crash
+    return records
 
 
 @pytest.mark.parametrize("extra", list(RESUME))
