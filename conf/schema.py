@@ -37,7 +37,7 @@ DATA_TASKS = ("classification", "instruction", "text")
 STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
 PROGRESSIVE_BASES = ("freeze_depth", "lora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
-TERMS = ("l2sp", "dann")
+TERMS = ("l2sp", "dann", "distill")
 SCHEDULES = ("constant", "linear", "cosine")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")

@@ -61,8 +61,8 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
         cfg.strategy, max_steps=cfg.train.max_steps, num_blocks=layout.num_blocks
     )
     _check_phases(cfg, phases, task)
-    _check_objectives(cfg)
     dataset = data_lib.load(cfg.data, task)
+    _check_objectives(cfg, dataset.labels)
     return Preflight(
         layout.num_blocks,
         len(dataset.train),
@@ -89,7 +89,7 @@ def _check_phases(cfg: FinetuneConfig, phases: list[Phase], task: tasks.Task) ->
             )
 
 
-def _check_objectives(cfg: FinetuneConfig) -> None:
+def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
     """A term that cannot do anything under this config is an error here, not on a worker."""
     for i, term in enumerate(cfg.objectives):
         if term.name == "l2sp":
@@ -108,6 +108,23 @@ def _check_objectives(cfg: FinetuneConfig) -> None:
                 )
         if term.name == "dann":
             _check_dann(cfg, i, term.args)
+        if term.name == "distill":
+            _check_distill(cfg, i, term.args, labels)
+
+
+def _check_distill(
+    cfg: FinetuneConfig, index: int, args: dict[str, Any], labels: list[str] | None
+) -> None:
+    """The args, and the teacher loaded as the workers will: it must read the student's
+    tokens and predict the student's labels."""
+    from jobs.models import build_tokenizer
+    from jobs.objectives import distill
+
+    distill.check_args(index, args)
+    key = f"objectives[{index}].args.teacher"
+    task = tasks.get(cfg.model)
+    teacher, tokenizer = distill.load_teacher(str(args["teacher"]), task, key=key)
+    distill.check_teacher(teacher, tokenizer, build_tokenizer(cfg.model), labels, key=key)
 
 
 def _check_dann(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:

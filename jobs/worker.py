@@ -367,6 +367,8 @@ def start_engine(
     task: Any = None,
     pretrained: Any = None,
     weights: dict[str, torch.Tensor] | None = None,
+    tokenizer: Any = None,
+    labels: list[str] | None = None,
 ) -> PhaseEngine:
     """Apply a phase's strategy, group the trainable parameters (discriminative lrs),
     attach the loss terms and start its DeepSpeed engine. The worker's path;
@@ -397,6 +399,8 @@ def start_engine(
             task=task or tasks.get(cfg.model),
             zero_stage=cfg.deepspeed.stage,
             pretrained=pretrained,
+            tokenizer=tokenizer,
+            labels=labels,
         )
         module = objectives.Objective(model, context.task, terms, context)
         extra = [p for p in module.terms.parameters() if p.requires_grad]
@@ -450,6 +454,8 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         task=run.task,
         pretrained=partial(_pretrained_weights, run),
         weights=weights,
+        tokenizer=run.tokenizer,
+        labels=run.dataset.labels,
     )
     del weights
     run.model = None  # type: ignore[assignment]  # the engine owns it now

@@ -110,6 +110,46 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def write_teacher(
+    path: Path,
+    data_dir: Path,
+    *,
+    task: str = "classification",
+    labels: list[str] | None = None,
+    train_steps: int = 0,
+) -> Path:
+    """A distillation teacher: the student's tiny family with 2 blocks (seed 1), trained
+    in-process for ``train_steps`` on the task's data file, saved as a model folder."""
+    import dataclasses
+
+    import torch
+
+    from jobs import data as data_lib
+    from jobs import tasks
+    from jobs.config import compose
+    from jobs.models import build
+
+    cfg = compose(tiny_overrides(data_dir, task=task))
+    arch = {**cfg.model.arch, "num_hidden_layers": 2}  # type: ignore[dict-item]
+    model, tokenizer = build(dataclasses.replace(cfg.model, arch=arch), labels=labels, seed=1)
+    if train_steps:
+        kind = tasks.get(cfg.model)
+        dataset = data_lib.load(cfg.data, kind)
+        encoded = kind.encode(dataset.train, tokenizer, cfg.data, labels)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+        generator = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(train_steps):
+            pick = torch.randint(len(encoded), (16,), generator=generator).tolist()
+            batch = kind.collate([encoded[i] for i in pick], tokenizer.pad_token_id)
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny_overrides(
     data_dir: Path, *, task: str = "instruction", model: str | None = None
 ) -> list[str]:

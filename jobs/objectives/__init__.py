@@ -10,6 +10,7 @@ A term is one file here and one line in ``TERMS``. It may
   a second task's head); modules it returns are trained and checkpointed with the model
   and left out of the export;
 - ``prepare`` a batch (add a second data stream's batch, a teacher's logits);
+- scale the task loss by its ``task_scale`` (distillation's alpha; 1 when absent);
 - give its ``value`` for a batch, after the model's forward, logged by name, and more
   values to log in ``metrics`` (by full name, e.g. ``dann_domain_accuracy``);
 - have its own data stream: ``stream_records(data)``, ``encode`` and ``collate``; the
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
-from jobs.objectives import dann, l2sp
+from jobs.objectives import dann, distill, l2sp
 
 
 @dataclass
@@ -45,6 +46,9 @@ class Context:
     # The bare model's weights as built at step 0 (pretrained, or the seeded scratch
     # init), by name; called only by terms that need them.
     pretrained: Callable[[], dict[str, torch.Tensor]]
+    # The student's tokenizer and label list (None where unknown: jobs.memprobe).
+    tokenizer: Any = None
+    labels: list[str] | None = None
 
 
 class Term(Protocol):
@@ -62,6 +66,7 @@ class Term(Protocol):
 TERMS: dict[str, Callable[[TermConfig], Term]] = {
     "l2sp": l2sp.L2SP,
     "dann": dann.DANN,
+    "distill": distill.Distill,
 }
 
 # Where Objective keeps the wrapped model and the terms' modules (export strips these).
@@ -107,7 +112,11 @@ class Objective(nn.Module):
         outputs = self.model(**batch)
         if not self.training:
             return outputs
-        total = self.task.loss(outputs, batch)
+        # A term may scale the task loss (distillation's alpha); 1 otherwise.
+        scale = 1.0
+        for term in self.loss_terms:
+            scale *= getattr(term, "task_scale", 1.0)
+        total = scale * self.task.loss(outputs, batch)
         values = {}
         for term in self.loss_terms:
             value = term.value(outputs, batch)

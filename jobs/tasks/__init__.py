@@ -44,6 +44,10 @@ class Task(Protocol):
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
+    def scored_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rows of ``logits`` the loss scores, one per prediction: [N, classes]
+        (a teacher's and a student's line up row for row, for distillation)."""
+
     def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One flat float64 tensor of sums that all-reduce: [loss, count, correct, ...]."""
 

@@ -82,6 +82,10 @@ class CausalLM:
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs.loss
 
+    def scored_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # token t predicts t+1; only target tokens (responses, for instruction data)
+        return logits[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+
     def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits, labels = logits.float()[:, :-1], labels[:, 1:]  # token t predicts t+1
         mask = labels != IGNORE_INDEX

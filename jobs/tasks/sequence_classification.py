@@ -100,6 +100,9 @@ class SequenceClassification:
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs.loss
 
+    def scored_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits  # one row per example
+
     def eval_sums(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         num_labels = logits.size(-1)

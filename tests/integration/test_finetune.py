@@ -27,7 +27,7 @@ from jobs import runlog
 from jobs.config import compose
 from jobs.evaluate import evaluate
 from jobs.finetune import run, run_many
-from tests.conftest import tiny_overrides
+from tests.conftest import tiny_overrides, write_teacher
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
 
@@ -86,7 +86,11 @@ def dann_term(data_dir: Path) -> str:
     return f"objectives=[{{name:dann,weight:0.1,args:{{target_path:{data_dir / 'target.jsonl'}}}}}]"
 
 
-def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
+def distill_term(teacher: Path) -> str:
+    return f"objectives=[{{name:distill,args:{{teacher:{teacher},alpha:0.5,temperature:2.0}}}}]"
+
+
+def _gang_runs(data_dir: Path, teacher: Path) -> dict[str, list[str]]:
     """Every run of this module that needs no crash in between, by name."""
     runs: dict[str, list[str]] = {}
     llm, cls = tiny_overrides(data_dir), tiny_overrides(data_dir, task="classification")
@@ -132,6 +136,15 @@ def _gang_runs(data_dir: Path) -> dict[str, list[str]]:
     )
     for stage in (2, 3):  # DANN: the target domain's stream beside the source batches
         runs[f"dann-zero{stage}"] = cls + [f"deepspeed=zero{stage}", *DANN_RUN, dann_term(data_dir)]
+    for stage in (2, 3):  # distillation from a smaller, trained teacher
+        runs[f"distill-zero{stage}"] = cls + [
+            f"deepspeed=zero{stage}",
+            *DANN_RUN,
+            "train.max_steps=40",  # the tiny student starts to separate the labels at ~30
+            "train.eval_every=20",
+            "train.checkpoint_every=20",
+            distill_term(teacher),
+        ]
     runs["l2sp-progressive-classify"] = cls + [
         "deepspeed=zero3",
         "strategy=progressive",
@@ -154,7 +167,8 @@ def gang(
     """All the runs above in one Train gang; ZeRO-3 runs last (DeepSpeed leaves its
     ZeRO-3 linear in place of F.linear for the rest of the process)."""
     out = tmp_path_factory.mktemp("gang")
-    runs = _gang_runs(data_dir)
+    teacher = write_teacher(out / "teacher", data_dir, labels=["neg", "pos"], train_steps=60)
+    runs = _gang_runs(data_dir, teacher)
     order = sorted(runs, key=lambda name: any("zero3" in o for o in runs[name]))
     cfgs = {
         name: compose(runs[name] + [f"run.output_dir={out}", f"run.name={name}"]) for name in order
@@ -375,5 +389,33 @@ def test_dann_trains_a_domain_classifier_the_same_under_zero2_and_zero3(
         # The domain classifier is not part of the export, which scores what training ended on.
         assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
     # The classifier is partitioned with the model under ZeRO-3: the same term, step by step.
+    for step, value in logged[2].items():
+        assert logged[3][step] == pytest.approx(value, rel=1e-3), step
+
+
+# --------------------------------------------------------------------------- distillation
+def test_distillation_follows_the_teacher_the_same_under_zero2_and_zero3(
+    gang: dict[str, Any],
+) -> None:
+    logged = {}
+    for stage in (2, 3):
+        cfg, records, run_dir = gang[f"distill-zero{stage}"]
+        steps = [r for r in records if "loss" in r and "event" not in r]
+        assert [r["step"] for r in steps] == list(range(1, 41))
+        for r in steps:  # the logged term is T^2 x the KL
+            assert (
+                r["distill"] == pytest.approx(4.0 * r["distill_kl"], rel=1e-4) and r["distill"] > 0
+            )
+        first, last = (sum(r["distill"] for r in part) / 5 for part in (steps[:5], steps[-5:]))
+        assert last < 0.7 * first  # the student comes closer to the teacher
+        logged[stage] = {r["step"]: r["distill"] for r in steps}
+        end, baseline = _event(records, "end"), _event(records, "baseline")
+        assert end["eval_loss"] < baseline["eval_loss"]
+        assert end["eval_accuracy"] > baseline["eval_accuracy"] + 0.15
+        # The export is the student alone (4 blocks, not the teacher's 2) and scores as trained.
+        exported = json.loads((run_dir / "export" / "config.json").read_text())
+        assert exported["num_hidden_layers"] == 4
+        assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
+    # The teacher is partitioned with the student under ZeRO-3: the same term, step by step.
     for step, value in logged[2].items():
         assert logged[3][step] == pytest.approx(value, rel=1e-3), step

@@ -19,8 +19,8 @@ from jobs import runlog
 from jobs.config import compose
 from jobs.finetune import FAIL_AT_STEP_ENV, STOP_AT_STEP_ENV
 from jobs.pool import Pool
-from tests.conftest import tiny_overrides
-from tests.integration.test_finetune import _event, _losses, dann_term
+from tests.conftest import tiny_overrides, write_teacher
+from tests.integration.test_finetune import _event, _losses, dann_term, distill_term
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
 
@@ -30,6 +30,8 @@ RESUME = {
     # 3 phases of 4 steps; checkpoints at 4, 5, 8, 10, 12 (every 5 and at each phase end)
     # DANN's target stream resumes at the micro step it stopped at
     "zero2-dann": ["deepspeed=zero2", "DANN"],
+    # the teacher is a frozen part of the checkpointed module
+    "zero2-distill": ["deepspeed=zero2", "DISTILL"],
     "zero3-progressive": [
         "deepspeed=zero3",
         "strategy=progressive",
@@ -40,13 +42,14 @@ RESUME = {
 }
 RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
 # Configs of another task than tiny_overrides' default (instruction tuning).
-RESUME_TASK = {"zero2-dann": "classification"}
+RESUME_TASK = {"zero2-dann": "classification", "zero2-distill": "classification"}
 
 
 CRASH = {
     "zero3-lora": (9, 6),
     "zero2-freeze_depth": (9, 6),
     "zero2-dann": (9, 6),
+    "zero2-distill": (9, 6),
     "zero3-progressive": (11, 10),
 }
 # After the resumed runs, commit markers are removed from the newest checkpoint(s): the
@@ -56,6 +59,7 @@ AGAIN = {
     "zero3-lora": ([12], 6),
     "zero2-freeze_depth": ([12], 6),
     "zero2-dann": ([12], 6),
+    "zero2-distill": ([12], 6),
     "zero3-progressive": ([12, 10], 8),
 }
 
@@ -79,8 +83,11 @@ def crashed(
     # ZeRO-3 last (see test_finetune's `gang`); the hard crash last of all
     order = sorted(RESUME, key=lambda v: ("zero3" in v, v in HARD_CRASH))
 
+    teacher = write_teacher(out / "teacher", data_dir, labels=["neg", "pos"], train_steps=60)
+    terms = {"DANN": dann_term(data_dir), "DISTILL": distill_term(teacher)}
+
     def config(v: str, name: str) -> Any:
-        extra = [dann_term(data_dir) if o == "DANN" else o for o in RESUME[v]]
+        extra = [terms.get(o, o) for o in RESUME[v]]
         return compose(
             tiny_overrides(data_dir, task=RESUME_TASK.get(v, "instruction"))
             + extra
@@ -145,12 +152,14 @@ def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
     assert sorted(b) == sorted(a)  # the file reads as one run: no duplicate steps
     for step in range(resumed_at + 1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
-    if "dann" in extra:  # the target stream picked up where it stopped: the same term values
-        terms = [
-            {r["step"]: r["dann"] for r in recs if "dann" in r} for recs in (straight, resumed)
-        ]
+    # DANN's target stream picked up where it stopped; the teacher came back as it was:
+    # the same term values
+    for term in ("dann", "distill"):
+        if term not in extra:
+            continue
+        terms = [{r["step"]: r[term] for r in recs if term in r} for recs in (straight, resumed)]
         for step in range(resumed_at + 1, 13):
-            assert terms[1][step] == pytest.approx(terms[0][step], rel=1e-5), f"dann, step {step}"
+            assert terms[1][step] == pytest.approx(terms[0][step], rel=1e-5), f"{term}, step {step}"
     lrs = {r["step"]: r["lr"] for r in resumed if "lr" in r and "loss" in r}
     assert lrs[12] == pytest.approx({r["step"]: r["lr"] for r in straight if "loss" in r}[12])
     assert _event(resumed, "end")["eval_loss"] == pytest.approx(
