@@ -37,7 +37,7 @@ DATA_TASKS = ("classification", "instruction", "text")
 STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
 PROGRESSIVE_BASES = ("freeze_depth", "lora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
-TERMS = ("l2sp", "dann", "distill")
+TERMS = ("l2sp", "dann", "distill", "ewc")
 SCHEDULES = ("constant", "linear", "cosine")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
@@ -398,7 +398,15 @@ SCHEDULERS = ("stratified", "asha", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "log_float", "categorical")
 BASELINES = ("none", "scratch", "linear_probe", "both")
 # What a trial reports and a study can optimize; eval_* come from the job's evals.
-OBJECTIVE_METRICS = ("eval_loss", "eval_accuracy", "trainable_params", "train_time_s")
+# forgotten / forgotten_loss: the forgetting probe (eval.source_path), before - after.
+OBJECTIVE_METRICS = (
+    "eval_loss",
+    "eval_accuracy",
+    "trainable_params",
+    "train_time_s",
+    "forgotten",
+    "forgotten_loss",
+)
 
 
 @dataclass
@@ -531,6 +539,16 @@ class SweepConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Extra evaluation. ``source_path``: data of the task the model knew before (same
+    format as data.path; for a language model also a .txt of general text), scored
+    before and after fine-tuning: the forgetting probe (``forgotten`` = accuracy before
+    - after; ``forgotten_loss`` = loss after - before)."""
+
+    source_path: str | None = None
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -542,6 +560,7 @@ class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
     # Extra loss terms, e.g. [{name: l2sp, weight: 0.01}] (jobs/objectives/).
     objectives: list[TermConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Set by `graft sweep` (conf/sweep.yaml); None for a single fine-tuning run.
     sweep: SweepConfig | None = None
 

@@ -62,6 +62,10 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
     )
     _check_phases(cfg, phases, task)
     dataset = data_lib.load(cfg.data, task)
+    if cfg.eval.source_path:  # the forgetting probe's file, read as the workers will
+        data_lib.read_extra(
+            cfg.eval.source_path, cfg.data, task, key="eval.source_path", labels=dataset.labels
+        )
     _check_objectives(cfg, dataset.labels)
     return Preflight(
         layout.num_blocks,
@@ -92,16 +96,19 @@ def _check_phases(cfg: FinetuneConfig, phases: list[Phase], task: tasks.Task) ->
 def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
     """A term that cannot do anything under this config is an error here, not on a worker."""
     for i, term in enumerate(cfg.objectives):
-        if term.name == "l2sp":
+        if term.name in ("l2sp", "ewc"):
             if cfg.strategy.name == "feature_extraction" or (
                 cfg.strategy.name == "lora" and not cfg.strategy.train_embeddings
             ):
                 raise ConfigError(
                     f"objectives[{i}].name",
-                    f"l2sp penalises the distance of trained pretrained weights, but "
+                    f"{term.name} penalises the distance of trained pretrained weights, but "
                     f"strategy={cfg.strategy.name} trains none (only a new head or adapters); "
                     "allowed with: full, freeze_depth, progressive (base freeze_depth)",
                 )
+        if term.name == "ewc":
+            _check_ewc(cfg, i, term.args, labels)
+        if term.name == "l2sp":
             if term.args:
                 raise ConfigError(
                     f"objectives[{i}].args", f"l2sp takes no args, got {sorted(term.args)}"
@@ -110,6 +117,31 @@ def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
             _check_dann(cfg, i, term.args)
         if term.name == "distill":
             _check_distill(cfg, i, term.args, labels)
+
+
+def _check_ewc(
+    cfg: FinetuneConfig, index: int, args: dict[str, Any], labels: list[str] | None
+) -> None:
+    """EWC's args and source file; for classification, a starting model whose own head
+    predicts the run's labels (its gradients are what the Fisher measures)."""
+    from jobs.objectives import distill, ewc
+
+    ewc.check_args(index, args)
+    task = tasks.get(cfg.model)
+    key = f"objectives[{index}].args.source_path"
+    data_lib.read_extra(str(args["source_path"]), cfg.data, task, key=key, labels=labels)
+    if labels is None:
+        return
+    theirs = None if cfg.model.arch is not None else distill.labels_of(hf_config(cfg.model))
+    if theirs != labels:
+        raise ConfigError(
+            f"objectives[{index}].name",
+            f"ewc on classification needs a starting model that already predicts the run's "
+            f"labels {labels}, in this order (fine-tuned on the source task, e.g. model=hf "
+            f"model.path=<a graft run>/export); {cfg.model.name} has "
+            f"{theirs if theirs else 'no such head'} (set data.labels to its order if only "
+            "that differs); a new head's gradients say nothing about the source task",
+        )
 
 
 def _check_distill(

@@ -187,6 +187,7 @@ class Run:
     train_set: list[dict[str, Any]]
     eval_batches: list[Any]
     test_batches: list[Any]
+    source_batches: list[Any]  # the forgetting probe's (eval.source_path); [] without
     per_epoch: int
     max_micro_steps: int | None
     phases: list[Phase]
@@ -280,8 +281,8 @@ def setup(
     layout = Layout.of(model.config)
     pad_id = tokenizer.pad_token_id
 
-    def batches(records: list[dict[str, str]]) -> list[Any]:
-        encoded = task.encode(records, tokenizer, cfg.data, dataset.labels)
+    def batches(records: list[dict[str, str]], data: Any = cfg.data) -> list[Any]:
+        encoded = task.encode(records, tokenizer, data, dataset.labels)
         return data_lib.eval_batches(
             encoded,
             rank=rank,
@@ -291,6 +292,12 @@ def setup(
             collate_fn=task.collate,
         )
 
+    # The forgetting probe's data (eval.source_path), in the run's format or plain text.
+    source = None
+    if cfg.eval.source_path:
+        source = data_lib.read_extra(
+            cfg.eval.source_path, cfg.data, task, key="eval.source_path", labels=dataset.labels
+        )
     train_set = task.encode(dataset.train, tokenizer, cfg.data, dataset.labels)
     per_epoch = data_lib.micro_batches_per_epoch(
         len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
@@ -325,6 +332,7 @@ def setup(
         train_set=train_set,
         eval_batches=batches(dataset.eval),
         test_batches=batches(dataset.test) if dataset.test else [],
+        source_batches=batches(*source) if source else [],
         per_epoch=per_epoch,
         max_micro_steps=per_epoch * train.max_epochs if train.max_epochs else None,
         phases=strategies.phases(
@@ -369,6 +377,7 @@ def start_engine(
     weights: dict[str, torch.Tensor] | None = None,
     tokenizer: Any = None,
     labels: list[str] | None = None,
+    run_dir: Path | None = None,
 ) -> PhaseEngine:
     """Apply a phase's strategy, group the trainable parameters (discriminative lrs),
     attach the loss terms and start its DeepSpeed engine. The worker's path;
@@ -401,6 +410,9 @@ def start_engine(
             pretrained=pretrained,
             tokenizer=tokenizer,
             labels=labels,
+            data=cfg.data,
+            micro_batch_size=train.micro_batch_size,
+            run_dir=run_dir,
         )
         module = objectives.Objective(model, context.task, terms, context)
         extra = [p for p in module.terms.parameters() if p.requires_grad]
@@ -456,6 +468,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         weights=weights,
         tokenizer=run.tokenizer,
         labels=run.dataset.labels,
+        run_dir=run.run_dir,
     )
     del weights
     run.model = None  # type: ignore[assignment]  # the engine owns it now
@@ -503,6 +516,12 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         if cfg.train.eval_at_start:
             current.engine.eval()
             run.log.log({"event": "baseline", "step": 0, **_evaluate(run, current)})
+        if run.source_batches:  # the forgetting probe, before any training
+            current.engine.eval()
+            scores = evaluate(current.engine, run.source_batches, task=run.task, prefix="source")
+            if run.rank == 0:
+                (run.run_dir / SOURCE_BEFORE).write_text(json.dumps(scores))
+            run.log.log({"event": "source_before", "step": 0, **scores})
     else:
         # Optimizer moments start afresh in each phase: DeepSpeed keeps them in flat
         # per-group partitions whose layout follows the trainable set, which changed.
@@ -755,6 +774,24 @@ def _save_example_sums(run: Run, mine: list[torch.Tensor], split: str) -> None:
         torch.save(table, run.run_dir / EXAMPLE_SUMS.format(split=split))
 
 
+SOURCE_BEFORE = "source_before.json"  # the probe's scores before training (for a resume)
+
+
+def forgetting(run: Run, engine: Any) -> dict[str, Any]:
+    """The source data scored again, and what was forgotten since the start: accuracy
+    before - after (``forgotten``), loss after - before (``forgotten_loss``)."""
+    _barrier()  # rank 0 wrote the scores before training; every rank reads them
+    before = json.loads((run.run_dir / SOURCE_BEFORE).read_text())
+    after = evaluate(engine, run.source_batches, task=run.task, prefix="source")
+    return {
+        **after,
+        "source_loss_before": before["source_loss"],
+        "source_accuracy_before": before["source_accuracy"],
+        "forgotten": before["source_accuracy"] - after["source_accuracy"],
+        "forgotten_loss": after["source_loss"] - before["source_loss"],
+    }
+
+
 def finish(run: Run, current: PhaseEngine, state: State) -> None:
     """The best weights back (early stopping), the final and test evaluation, the
     export, and the run's result reported to Ray."""
@@ -791,6 +828,8 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
                 per_example=examples,
             )
         )
+    if run.source_batches:
+        final.update(forgetting(run, engine))
     _save_example_sums(run, examples, "test" if run.test_batches else "eval")
     run.log.log(
         {

@@ -9,9 +9,11 @@ again on every worker, which then keeps only its own shard.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +106,29 @@ def load(cfg: DataConfig, task: Any = None) -> Dataset:
         labels=labels,
         test=given.get("test", test),
     )
+
+
+def read_extra(
+    path: str, cfg: DataConfig, task: Any, *, key: str, labels: list[str] | None
+) -> tuple[list[dict[str, str]], DataConfig]:
+    """Another file of the run's kind of data (a source task's, for EWC's Fisher or the
+    forgetting probe): read like ``data.path``, or, for a language model, a .txt file
+    as plain text. Labels must be among the run's. Returns the records and the data
+    config to encode them with."""
+    if Path(path).suffix.lower() == ".txt" and "text" in _TEXT_TASKS.get(cfg.task, ()):
+        cfg = dataclasses.replace(cfg, task="text")
+    records = _normalise(files.read(path, cfg, task.fields(cfg), key=key), cfg)
+    if labels is not None:
+        unknown = sorted({r["label"] for r in records} - set(labels))
+        if unknown:
+            raise ConfigError(
+                key, f"labels {unknown} are not the run's; its labels: {labels}"
+            )
+    return records, cfg
+
+
+# The formats a file may switch a run's data to (a language model reads plain text too).
+_TEXT_TASKS = {"instruction": ("text",), "text": ("text",)}
 
 
 def encode(

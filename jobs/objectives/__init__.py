@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
-from jobs.objectives import dann, distill, l2sp
+from jobs.objectives import dann, distill, ewc, l2sp
 
 
 @dataclass
@@ -46,9 +46,13 @@ class Context:
     # The bare model's weights as built at step 0 (pretrained, or the seeded scratch
     # init), by name; called only by terms that need them.
     pretrained: Callable[[], dict[str, torch.Tensor]]
-    # The student's tokenizer and label list (None where unknown: jobs.memprobe).
+    # The run's tokenizer, label list, data config, micro batch size and directory
+    # (None where unknown: jobs.memprobe).
     tokenizer: Any = None
     labels: list[str] | None = None
+    data: Any = None
+    micro_batch_size: int = 1
+    run_dir: Any = None
 
 
 class Term(Protocol):
@@ -67,6 +71,7 @@ TERMS: dict[str, Callable[[TermConfig], Term]] = {
     "l2sp": l2sp.L2SP,
     "dann": dann.DANN,
     "distill": distill.Distill,
+    "ewc": ewc.EWC,
 }
 
 # Where Objective keeps the wrapped model and the terms' modules (export strips these).

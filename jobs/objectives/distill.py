@@ -91,12 +91,12 @@ def load_teacher(path: str, task: Any, *, key: str) -> tuple[nn.Module, Any]:
             "base_model_name_or_path"
         ]
         config = AutoConfig.from_pretrained(base_path)
-        labels = _labels_of(config)
+        labels = labels_of(config)
         base = task.auto_class(config, labels).from_pretrained(base_path, config=config)
         model = peft.PeftModel.from_pretrained(base, where).merge_and_unload()
     else:
         config = AutoConfig.from_pretrained(where)
-        model = task.auto_class(config, _labels_of(config)).from_pretrained(where, config=config)
+        model = task.auto_class(config, labels_of(config)).from_pretrained(where, config=config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError):
@@ -106,7 +106,7 @@ def load_teacher(path: str, task: Any, *, key: str) -> tuple[nn.Module, Any]:
     return model.float().eval(), tokenizer
 
 
-def _labels_of(config: Any) -> list[str] | None:
+def labels_of(config: Any) -> list[str] | None:
     id2label = getattr(config, "id2label", None) or {}
     return [id2label[i] for i in sorted(id2label)] if id2label else None
 
@@ -125,7 +125,7 @@ def check_teacher(
         )
     if labels is None:
         return None
-    theirs = _labels_of(model.config) or []
+    theirs = labels_of(model.config) or []
     if sorted(theirs) != sorted(labels):
         raise ConfigError(
             key,

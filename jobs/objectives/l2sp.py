@@ -21,6 +21,8 @@ from torch import nn
 
 from conf.schema import ConfigError, TermConfig
 
+# A scaled reference's weights sit beside it in the holder under this suffix.
+SCALE = "__scale"
 _PEFT_PARTS = ("base_model.model.", "base_layer.", "modules_to_save.default.", "original_module.")
 
 
@@ -45,6 +47,13 @@ class L2SP:
     def attach(self, model: nn.Module, context: Any) -> nn.Module:
         """Copies of the pretrained values of the trainable, pretrained parameters, in a
         module per owning module, and a forward hook on each owner."""
+        return self.attach_scaled(model, context, None)
+
+    def attach_scaled(
+        self, model: nn.Module, context: Any, scales: dict[str, torch.Tensor] | None
+    ) -> nn.Module:
+        """As ``attach``; with ``scales`` (by bare name) each squared distance is
+        weighted elementwise: sum of scale * (w - w0)^2 (EWC's Fisher)."""
         initial = context.pretrained()
         references = nn.ModuleDict()
         for owner_name, owner in model.named_modules():
@@ -57,6 +66,10 @@ class L2SP:
                 if key not in initial:
                     continue  # a new parameter (LoRA adapters): no pretrained value
                 mine[pname] = nn.Parameter(initial[key].detach().clone(), requires_grad=False)
+                if scales is not None:
+                    mine[pname + SCALE] = nn.Parameter(
+                        scales[key].detach().clone().to(param.dtype), requires_grad=False
+                    )
             if not mine:
                 continue
             holder = nn.Module()
@@ -69,13 +82,16 @@ class L2SP:
                     # forward (and frees both after it, once this term's hook has run).
                     deepspeed.zero.register_external_parameter(owner, ref)
             references[owner_name.replace(".", "__") or "root"] = holder
-            self._handles.append(owner.register_forward_hook(self._hook(holder, list(mine))))
+            names = [n for n in mine if not n.endswith(SCALE)]
+            self._handles.append(
+                owner.register_forward_hook(self._hook(holder, names, scales is not None))
+            )
         # Nothing pretrained trains in this phase (progressive's head-only start): the
         # term is 0. (A strategy that never trains any is refused by preflight.)
         self._active = bool(references)
         return references
 
-    def _hook(self, holder: nn.Module, names: list[str]) -> Any:
+    def _hook(self, holder: nn.Module, names: list[str], scaled: bool = False) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not module.training or not torch.is_grad_enabled():
                 return
@@ -83,7 +99,11 @@ class L2SP:
                 return
             self._counted.add(holder)
             share = sum(
-                (getattr(module, n) - getattr(holder, n).detach()).pow(2).sum() for n in names
+                (
+                    (getattr(module, n) - getattr(holder, n).detach()).pow(2)
+                    * (getattr(holder, n + SCALE).detach() if scaled else 1.0)
+                ).sum()
+                for n in names
             )
             assert isinstance(share, torch.Tensor)
             self._total = share if self._total is None else self._total + share

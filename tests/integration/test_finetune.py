@@ -51,6 +51,18 @@ STRATEGIES = {
     "lora": ["strategy=lora", "strategy.lora.r=8"],
 }
 L2SP = "objectives=[{name:l2sp,weight:0.01}]"
+
+
+def l2sp_and_ewc(data_dir: Path) -> list[str]:
+    """L2-SP and EWC (its Fisher from plain text) side by side, and the forgetting probe
+    on that text."""
+    text = data_dir / "text.txt"
+    return [
+        f"objectives=[{{name:l2sp,weight:0.01}},{{name:ewc,weight:0.01,args:{{source_path:{text}}}}}]",
+        f"eval.source_path={text}",
+    ]
+
+
 DANN_RUN = [
     "train.max_steps=20",
     "train.lr=2e-3",
@@ -59,12 +71,12 @@ DANN_RUN = [
     "data.max_length=48",
 ]
 # The matrix runs also carry checks that need the same kind of run: freeze_depth under
-# ZeRO-0 and ZeRO-3 with the L2-SP term (the same penalty under both), under ZeRO-2
-# with the term at weight 0 (logged, no effect: the reference for "l2sp-strong"); LoRA
-# under ZeRO-3 also writes the merged export.
-MATRIX_EXTRA = {
-    ("freeze_depth+lr_ratio", 0): [L2SP],
-    ("freeze_depth+lr_ratio", 3): [L2SP],
+# ZeRO-0 and ZeRO-3 with the L2-SP and EWC terms (the same penalties under both) and the
+# forgetting probe, under ZeRO-2 with the L2-SP term at weight 0 (logged, no effect: the
+# reference for "l2sp-strong"); LoRA under ZeRO-3 also writes the merged export.
+MATRIX_EXTRA: dict[tuple[str, int], Any] = {
+    ("freeze_depth+lr_ratio", 0): l2sp_and_ewc,
+    ("freeze_depth+lr_ratio", 3): l2sp_and_ewc,
     ("freeze_depth+lr_ratio", 2): ["objectives=[{name:l2sp,weight:0.0}]"],
     ("lora", 3): ["run.export_merged=true"],
 }
@@ -96,9 +108,9 @@ def _gang_runs(data_dir: Path, teacher: Path) -> dict[str, list[str]]:
     llm, cls = tiny_overrides(data_dir), tiny_overrides(data_dir, task="classification")
     for stage in STAGES:
         for sid, strategy in STRATEGIES.items():
-            runs[f"matrix-{sid}-{stage}"] = (
-                llm + strategy + [f"deepspeed=zero{stage}"] + MATRIX_EXTRA.get((sid, stage), [])
-            )
+            extra = MATRIX_EXTRA.get((sid, stage), [])
+            extra = extra(data_dir) if callable(extra) else extra
+            runs[f"matrix-{sid}-{stage}"] = llm + strategy + [f"deepspeed=zero{stage}"] + extra
     runs["early"] = llm + [
         "deepspeed=zero2",
         "train.eval_every=3",
@@ -333,6 +345,32 @@ def test_l2sp_is_the_same_penalty_under_zero0_and_zero3(gang: dict[str, Any]) ->
         assert values[3][step] == pytest.approx(values[0][step], rel=1e-3, abs=1e-6), step
     for recs in runs.values():
         assert _event(recs, "baseline")["eval_loss"] - _event(recs, "end")["eval_loss"] > 0.3
+
+
+def test_ewc_is_the_same_penalty_under_zero0_and_zero3_and_the_probe_measures_forgetting(
+    gang: dict[str, Any],
+) -> None:
+    from safetensors.torch import load_file
+
+    runs = {stage: gang[f"matrix-freeze_depth+lr_ratio-{stage}"] for stage in (0, 3)}
+    values = {
+        stage: {r["step"]: r["ewc"] for r in recs if "ewc" in r}
+        for stage, (_, recs, _) in runs.items()
+    }
+    assert values[0][1] == 0.0 and values[0][12] > 0  # 0 at the start, then it grows
+    for step in values[0]:  # the Fisher and references are partitioned under ZeRO-3
+        assert values[3][step] == pytest.approx(values[0][step], rel=1e-3, abs=1e-9), step
+    fishers = [load_file(run_dir / "ewc_fisher.safetensors") for _, _, run_dir in runs.values()]
+    assert fishers[0].keys() == fishers[1].keys() and len(fishers[0]) > 0
+    for name, f in fishers[0].items():  # estimated before DeepSpeed: the same under both
+        assert torch.allclose(f, fishers[1][name], rtol=1e-5), name
+    for _, records, _ in runs.values():
+        before, end = _event(records, "source_before"), _event(records, "end")
+        assert end["source_loss_before"] == before["source_loss"]
+        assert end["forgotten_loss"] == pytest.approx(end["source_loss"] - before["source_loss"])
+        assert end["forgotten"] == pytest.approx(before["source_accuracy"] - end["source_accuracy"])
+    ends = [_event(recs, "end") for _, recs, _ in runs.values()]
+    assert ends[1]["forgotten_loss"] == pytest.approx(ends[0]["forgotten_loss"], rel=1e-3)
 
 
 def test_l2sp_pulls_towards_the_pretrained_weights(gang: dict[str, Any]) -> None:

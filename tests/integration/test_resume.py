@@ -32,12 +32,15 @@ RESUME = {
     "zero2-dann": ["deepspeed=zero2", "DANN"],
     # the teacher is a frozen part of the checkpointed module
     "zero2-distill": ["deepspeed=zero2", "DISTILL"],
+    # with EWC (its Fisher stored at the start, read back by each later phase and by
+    # the resume) and the forgetting probe (its scores before training, likewise)
     "zero3-progressive": [
         "deepspeed=zero3",
         "strategy=progressive",
         "strategy.progressive.unfreeze_every=4",
         "train.checkpoint_every=5",
         "train.keep_checkpoints=3",
+        "EWC",
     ],
 }
 RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
@@ -84,10 +87,18 @@ def crashed(
     order = sorted(RESUME, key=lambda v: ("zero3" in v, v in HARD_CRASH))
 
     teacher = write_teacher(out / "teacher", data_dir, labels=["neg", "pos"], train_steps=60)
-    terms = {"DANN": dann_term(data_dir), "DISTILL": distill_term(teacher)}
+    text = data_dir / "text.txt"
+    terms = {
+        "DANN": [dann_term(data_dir)],
+        "DISTILL": [distill_term(teacher)],
+        "EWC": [
+            f"objectives=[{{name:ewc,weight:0.1,args:{{source_path:{text}}}}}]",
+            f"eval.source_path={text}",
+        ],
+    }
 
     def config(v: str, name: str) -> Any:
-        extra = [terms.get(o, o) for o in RESUME[v]]
+        extra = [x for o in RESUME[v] for x in terms.get(o, [o])]
         return compose(
             tiny_overrides(data_dir, task=RESUME_TASK.get(v, "instruction"))
             + extra
@@ -154,8 +165,8 @@ def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
         assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
     # DANN's target stream picked up where it stopped; the teacher came back as it was:
     # the same term values
-    for term in ("dann", "distill"):
-        if term not in extra:
+    for term in ("dann", "distill", "ewc"):
+        if term not in extra and not (term == "ewc" and progressive):
             continue
         terms = [{r["step"]: r[term] for r in recs if term in r} for recs in (straight, resumed)]
         for step in range(resumed_at + 1, 13):
@@ -165,6 +176,10 @@ def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
     assert _event(resumed, "end")["eval_loss"] == pytest.approx(
         _event(straight, "end")["eval_loss"], rel=1e-5
     )
+    if progressive:  # the probe's scores from before the crash: the same forgetting
+        assert _event(resumed, "end")["forgotten_loss"] == pytest.approx(
+            _event(straight, "end")["forgotten_loss"], rel=1e-5
+        )
 
     # A checkpoint missing one rank's commit marker is never loaded: back to the one before.
     before = AGAIN[extra][1]

@@ -267,7 +267,7 @@ def test_bad_progressive_schedules_are_rejected(
     ("extra", "key", "says"),
     [
         (["objectives=[{name:l2sp,weight:-0.1}]"], "objectives[0].weight", ">= 0"),
-        (["objectives=[{name:ewc}]"], "objectives[0].name", "'l2sp'"),
+        (["objectives=[{name:mixout}]"], "objectives[0].name", "'l2sp'"),
         (["objectives=[{name:l2sp},{name:l2sp}]"], "objectives[1].name", "twice"),
         (["strategy=lora", "objectives=[{name:l2sp}]"], "objectives[0].name", "trains none"),
         (
