@@ -11,7 +11,7 @@ export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill lock clean
+.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting lock clean
 
 install: $(STAMP)
 
@@ -47,7 +47,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Each writes runs/bench/<name>.json and <name>.md; ~1 h in all on 2 cores.
-bench: bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill
+bench: bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting
 
 # Two real tasks: WordNet supersenses (+ SmolLM2 LoRA) and stdlib docstrings by area.
 bench-transfer: install-models
@@ -70,6 +70,10 @@ bench-dann: install
 # MiniLM teacher -> 3-block student; SmolLM2-135M teacher -> 6-block student (real weights).
 bench-distill: install-models
 	$(PY) tests/benchmarks/bench_distill.py
+
+# MiniLM on task A, then B: how much of A each way of fine-tuning keeps (L2-SP, EWC, ...).
+bench-forgetting: install
+	$(PY) tests/benchmarks/bench_forgetting.py
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^graft' | sed 's/+cpu$$//' > constraints.txt
