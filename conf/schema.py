@@ -578,6 +578,13 @@ class FinetuneConfig:
             group.check()
         if self.sweep is not None:
             self.sweep.check()
+            for i, objective in enumerate(self.sweep.objectives):
+                if objective.metric.startswith("forgotten") and not self.eval.source_path:
+                    raise ConfigError(
+                        f"sweep.objectives[{i}].metric",
+                        f"{objective.metric} comes from the forgetting probe: set "
+                        "eval.source_path to the source task's data",
+                    )
         names = []
         for i, term in enumerate(self.objectives):
             _one_of(f"objectives[{i}].name", term.name, TERMS)

@@ -162,3 +162,12 @@ def test_bad_input_is_named_before_ray(data_dir: Path, tmp_path: Path) -> None:
     message = refused([*cls, f"eval.source_path={odd}"])
     assert message.key == "eval.source_path" and "'maybe'" in str(message)
     preflight(compose([*llm, f"eval.source_path={text}"]))
+
+
+def test_forgetting_as_a_sweep_objective_needs_the_probe(data_dir: Path) -> None:
+    objectives = "sweep.objectives=[{metric:eval_loss,mode:min},{metric:forgotten_loss,mode:min}]"
+    with pytest.raises(ConfigError) as e:
+        compose([*tiny_overrides(data_dir), objectives], "sweep").check()
+    assert e.value.key == "sweep.objectives[1].metric" and "eval.source_path" in str(e.value)
+    probe = f"eval.source_path={data_dir / 'text.txt'}"
+    compose([*tiny_overrides(data_dir), objectives, probe], "sweep").check()
