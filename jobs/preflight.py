@@ -114,7 +114,7 @@ def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
                     f"objectives[{i}].args", f"l2sp takes no args, got {sorted(term.args)}"
                 )
         if term.name == "dann":
-            _check_dann(cfg, i, term.args)
+            _check_dann(cfg, i, term.args, labels)
         if term.name == "distill":
             _check_distill(cfg, i, term.args, labels)
 
@@ -159,17 +159,21 @@ def _check_distill(
     distill.check_teacher(teacher, tokenizer, build_tokenizer(cfg.model), labels, key=key)
 
 
-def _check_dann(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:
+def _check_dann(
+    cfg: FinetuneConfig, index: int, args: dict[str, Any], labels: list[str] | None
+) -> None:
     """DANN's args, its target file read as the workers will read it (unlabelled)."""
     from jobs.objectives import dann
 
     dann.check_args(index, args)
     key = f"objectives[{index}].args.target_path"
-    if cfg.data.label_field not in tasks.get(cfg.model).fields(cfg.data):
-        raise ConfigError(
-            f"objectives[{index}].name",
-            f"dann aligns a classifier's features across domains; data.task={cfg.data.task} "
-            "has no labels to classify (allowed: classification)",
+    if args.get("target_eval_path"):
+        dann.read_target_eval(
+            str(args["target_eval_path"]),
+            cfg.data,
+            tasks.get(cfg.model),
+            labels,
+            key=f"objectives[{index}].args.target_eval_path",
         )
     # The target domain's training data is unlabelled: a label field is refused.
     rows = dann.read_target(str(args["target_path"]), cfg.data, key=key)

@@ -188,6 +188,7 @@ class Run:
     eval_batches: list[Any]
     test_batches: list[Any]
     source_batches: list[Any]  # the forgetting probe's (eval.source_path); [] without
+    extra_evals: dict[str, list[Any]]  # scored at every evaluation, by metric prefix
     per_epoch: int
     max_micro_steps: int | None
     phases: list[Phase]
@@ -333,6 +334,12 @@ def setup(
         eval_batches=batches(dataset.eval),
         test_batches=batches(dataset.test) if dataset.test else [],
         source_batches=batches(*source) if source else [],
+        extra_evals={
+            prefix: batches(records)
+            for t in objectives.build(cfg.objectives)
+            if hasattr(t, "eval_sets")
+            for prefix, records in t.eval_sets(cfg.data, task, dataset.labels).items()
+        },
         per_epoch=per_epoch,
         max_micro_steps=per_epoch * train.max_epochs if train.max_epochs else None,
         phases=strategies.phases(
@@ -688,7 +695,11 @@ class _Window:
 
 
 def _evaluate(run: Run, current: PhaseEngine) -> dict[str, Any]:
-    return evaluate(current.engine, run.eval_batches, task=run.task)
+    """The validation split, and the terms' extra sets (DANN's labelled target data)."""
+    scores = evaluate(current.engine, run.eval_batches, task=run.task)
+    for prefix, batches in run.extra_evals.items():
+        scores.update(evaluate(current.engine, batches, task=run.task, prefix=prefix))
+    return scores
 
 
 def _reduce_device() -> torch.device:
@@ -817,6 +828,8 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
         "trainable_params": current.trainable,
         "train_time_s": state.train_time_s,
     }
+    for prefix, batches in run.extra_evals.items():
+        final.update(evaluate(engine, batches, task=run.task, prefix=prefix))
     if run.test_batches:
         final.update(
             evaluate(

@@ -121,9 +121,7 @@ def read_extra(
     if labels is not None:
         unknown = sorted({r["label"] for r in records} - set(labels))
         if unknown:
-            raise ConfigError(
-                key, f"labels {unknown} are not the run's; its labels: {labels}"
-            )
+            raise ConfigError(key, f"labels {unknown} are not the run's; its labels: {labels}")
     return records, cfg
 
 

@@ -9,6 +9,9 @@ the classifier cannot separate while the task head learns the labels.
 args (checked before Ray starts, jobs/preflight.py):
 - ``target_path``: JSONL/CSV with the text field (``data.text_field``) and no label field
   (the same readers and errors as ``data.path``); required.
+- ``target_eval_path``: optional labelled target-domain data (text and label fields,
+  labels among the run's), scored at every evaluation beside the source's validation
+  split: ``target_eval_loss``, ``target_eval_accuracy``, ... in metrics.jsonl.
 - ``hidden``: the domain classifier's width (default 128).
 - ``schedule``: ``ganin`` (lambda = 2 / (1 + exp(-10 p)) - 1 over training progress p,
   from 0 to 1) or ``constant``; ``lambda``: its final value (default 1.0).
@@ -33,7 +36,7 @@ from torch import nn
 
 from conf.schema import ConfigError, TermConfig
 
-ARGS = {"target_path", "hidden", "schedule", "lambda"}
+ARGS = {"target_path", "target_eval_path", "hidden", "schedule", "lambda"}
 SCHEDULES = ("ganin", "constant")
 
 
@@ -97,12 +100,24 @@ def read_target(path: str, data: Any, *, key: str) -> list[dict[str, str]]:
     return [{"text": r[data.text_field]} for r in rows]
 
 
+def read_target_eval(
+    path: str, data: Any, task: Any, labels: list[str] | None, *, key: str
+) -> list[dict[str, str]]:
+    """The labelled target file's records, read like data.path (labels among the run's)."""
+    from jobs import data as data_lib
+
+    records, _ = data_lib.read_extra(path, data, task, key=key, labels=labels)
+    return records
+
+
 class DANN:
     def __init__(self, cfg: TermConfig) -> None:
         self.name = cfg.name
         self.weight = cfg.weight
         args = dict(cfg.args)
         self.target_path = str(Path(str(args.get("target_path", ""))).expanduser())
+        given = args.get("target_eval_path")
+        self.target_eval_path = str(Path(str(given)).expanduser()) if given else None
         self.hidden = int(args.get("hidden", 128))
         self.schedule = str(args.get("schedule", "ganin"))
         self.lam = float(args.get("lambda", 1.0))
@@ -124,6 +139,13 @@ class DANN:
         from jobs.tasks.common import pad_ids
 
         return pad_ids(examples, pad_id)
+
+    def eval_sets(self, data: Any, task: Any, labels: list[str] | None) -> dict[str, Any]:
+        """Extra evaluation sets by metric prefix (the worker scores them at each eval)."""
+        if self.target_eval_path is None:
+            return {}
+        key = "objectives.dann.args.target_eval_path"
+        return {"target_eval": read_target_eval(self.target_eval_path, data, task, labels, key=key)}
 
     # -- the term --------------------------------------------------------------------
     def attach(self, model: nn.Module, context: Any) -> nn.Module:

@@ -95,7 +95,11 @@ PROGRESSIVE = {f"zero{stage}": [f"deepspeed=zero{stage}"] for stage in (0, 1, 2,
 
 
 def dann_term(data_dir: Path) -> str:
-    return f"objectives=[{{name:dann,weight:0.1,args:{{target_path:{data_dir / 'target.jsonl'}}}}}]"
+    target, labelled = data_dir / "target.jsonl", data_dir / "target_eval.jsonl"
+    return (
+        "objectives=[{name:dann,weight:0.1,"
+        f"args:{{target_path:{target},target_eval_path:{labelled}}}}}]"
+    )
 
 
 def distill_term(teacher: Path) -> str:
@@ -424,6 +428,10 @@ def test_dann_trains_a_domain_classifier_the_same_under_zero2_and_zero3(
         logged[stage] = {r["step"]: r["dann"] for r in steps}
         end = _event(records, "end")
         assert _event(records, "baseline")["eval_loss"] - end["eval_loss"] > 0.01
+        # the labelled target file, scored at every evaluation and at the end
+        evals = [r for r in records if "eval_loss" in r]
+        assert evals and all(0.0 <= r["target_eval_accuracy"] <= 1.0 for r in evals)
+        assert end["target_eval_loss"] > 0
         # The domain classifier is not part of the export, which scores what training ended on.
         assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
     # The classifier is partitioned with the model under ZeRO-3: the same term, step by step.

@@ -149,6 +149,16 @@ def _error(overrides: list[str]) -> ConfigError:
         ("{target_path:TARGET,hidden:0}", "objectives[0].args.hidden", ">= 1"),
         ("{target_path:TARGET,width:3}", "objectives[0].args", "unknown ['width']"),
         ("{target_path:LABELLED}", "objectives[0].args.target_path", "['label']"),
+        (
+            "{target_path:TARGET,target_eval_path:TARGET}",  # unlabelled: no label field
+            "objectives[0].args.target_eval_path",
+            "label",
+        ),
+        (
+            "{target_path:TARGET,target_eval_path:/no/such.jsonl}",
+            "objectives[0].args.target_eval_path",
+            "does not exist",
+        ),
     ],
 )
 def test_bad_dann_settings_are_rejected_before_ray(
@@ -163,9 +173,41 @@ def test_bad_dann_settings_are_rejected_before_ray(
     assert err.key == key and says in str(err), str(err)
 
 
-def test_dann_on_a_language_model_is_refused_with_the_key(data_dir: Path) -> None:
+def test_a_language_model_aligns_its_hidden_states_too(data_dir: Path) -> None:
+    """Instruction tuning on the source domain, unlabelled text from the target: the
+    term is the domain loss on the mean last hidden states, as for classification."""
     target = data_dir / "target.jsonl"
-    err = _error(
+    cfg = compose(
         tiny_overrides(data_dir) + [f"objectives=[{{name:dann,args:{{target_path:{target}}}}}]"]
     )
-    assert err.key == "objectives[0].name" and "classification" in str(err)
+    preflight(cfg)  # allowed
+    model, tok = build(cfg.model)
+    context = objectives.Context(
+        layout=Layout.of(model.config),
+        task=tasks.get(cfg.model),
+        zero_stage=0,
+        pretrained=lambda: {},
+    )
+    wrapped = objectives.Objective(model, context.task, objectives.build(cfg.objectives), context)
+    term = wrapped.loss_terms[0]
+    records = [{"prompt": "color of lime?", "response": "green"}, {"prompt": "a?", "response": "b"}]
+    source = context.task.collate(context.task.encode(records, tok, cfg.data, None), 0)
+    stream = term.collate(term.encode(term.stream_records(cfg.data)[:3], tok, cfg.data), 0)
+    wrapped.train()
+    out = wrapped(**source, dann={**stream, "progress": torch.tensor(1.0)})
+    with torch.no_grad():
+        feats = torch.cat(
+            [
+                dann.masked_mean(
+                    model(**b, output_hidden_states=True).hidden_states[-1], b["attention_mask"]
+                )
+                for b in (source, {k: stream[k] for k in ("input_ids", "attention_mask")})
+            ]
+        )
+        logits = wrapped.terms["dann"](feats).squeeze(-1)
+        expected = F.binary_cross_entropy_with_logits(logits, torch.tensor([0.0, 0, 1, 1, 1]))
+    assert float(out.terms["dann"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(
+        float(model(**source).loss.detach() + expected),
+        rel=1e-5,  # weight 1 (the default)
+    )
