@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
+from jobs.objectives.args import check_keys, is_integer, is_number
 
 ARGS = {"target_path", "target_eval_path", "hidden", "schedule", "lambda"}
 SCHEDULES = ("ganin", "constant")
@@ -70,24 +71,17 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def check_args(index: int, args: dict[str, Any]) -> None:
     """The args' own values (files are read by preflight)."""
-    key = f"objectives[{index}].args"
-    unknown = sorted(set(args) - ARGS)
-    if unknown:
-        raise ConfigError(key, f"dann takes {sorted(ARGS)}, got unknown {unknown}")
-    if not args.get("target_path"):
-        raise ConfigError(
-            f"{key}.target_path",
-            "dann needs unlabelled target-domain data: a JSONL/CSV file with the text field",
-        )
+    needed = "dann needs unlabelled target-domain data: a JSONL/CSV file with the text field"
+    key = check_keys("dann", index, args, ARGS, {"target_path": needed})
     hidden = args.get("hidden", 128)
-    if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+    if not is_integer(hidden) or hidden < 1:
         raise ConfigError(f"{key}.hidden", f"must be an integer >= 1, got {hidden!r}")
     if args.get("schedule", "ganin") not in SCHEDULES:
         raise ConfigError(
             f"{key}.schedule", f"{args.get('schedule')!r} is not one of {list(SCHEDULES)}"
         )
     lam = args.get("lambda", 1.0)
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0:
+    if not is_number(lam) or lam < 0:
         raise ConfigError(f"{key}.lambda", f"must be a number >= 0, got {lam!r}")
 
 

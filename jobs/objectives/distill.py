@@ -36,31 +36,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
+from jobs.objectives.args import check_keys, is_number
 
 ARGS = {"teacher", "alpha", "temperature"}
 
 
 def check_args(index: int, args: dict[str, Any]) -> None:
     """The args' own values (the teacher's files are read by preflight)."""
-    key = f"objectives[{index}].args"
-    unknown = sorted(set(args) - ARGS)
-    if unknown:
-        raise ConfigError(key, f"distill takes {sorted(ARGS)}, got unknown {unknown}")
-    if not args.get("teacher"):
-        raise ConfigError(
-            f"{key}.teacher",
-            "distill needs a teacher: a graft run directory or a Hugging Face model directory",
-        )
+    needed = "distill needs a teacher: a graft run directory or a Hugging Face model directory"
+    key = check_keys("distill", index, args, ARGS, {"teacher": needed})
     alpha = args.get("alpha", 0.5)
-    if not _number(alpha) or not 0.0 <= alpha <= 1.0:
+    if not is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"{key}.alpha", f"must be a number in [0, 1], got {alpha!r}")
     temperature = args.get("temperature", 2.0)
-    if not _number(temperature) or temperature <= 0:
+    if not is_number(temperature) or temperature <= 0:
         raise ConfigError(f"{key}.temperature", f"must be a number > 0, got {temperature!r}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def teacher_dir(path: str, *, key: str) -> Path:

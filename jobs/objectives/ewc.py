@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
+from jobs.objectives.args import check_keys, is_integer
 from jobs.objectives.l2sp import L2SP, pretrained_name
 
 ARGS = {"source_path", "batches", "normalize"}
@@ -47,18 +48,13 @@ FISHER_FILE = "ewc_fisher.safetensors"
 
 
 def check_args(index: int, args: dict[str, Any]) -> None:
-    key = f"objectives[{index}].args"
-    unknown = sorted(set(args) - ARGS)
-    if unknown:
-        raise ConfigError(key, f"ewc takes {sorted(ARGS)}, got unknown {unknown}")
-    if not args.get("source_path"):
-        raise ConfigError(
-            f"{key}.source_path",
-            "ewc needs the source task's data to estimate the Fisher information: a file "
-            "in the run's data format (a .txt of plain text for a language model)",
-        )
+    needed = (
+        "ewc needs the source task's data to estimate the Fisher information: a file "
+        "in the run's data format (a .txt of plain text for a language model)"
+    )
+    key = check_keys("ewc", index, args, ARGS, {"source_path": needed})
     batches = args.get("batches", 16)
-    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+    if not is_integer(batches) or batches < 1:
         raise ConfigError(f"{key}.batches", f"must be an integer >= 1, got {batches!r}")
     if args.get("normalize", "mean") not in NORMALIZE:
         raise ConfigError(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,8 @@ ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
 
 from jobs import runlog  # noqa: E402
-from jobs.config import compose  # noqa: E402
 from jobs.data.stdlib_docs import examples  # noqa: E402
+from tests.benchmarks.common import fresh_run  # noqa: E402
 
 
 def write_domains(out: Path, seed: int = 0) -> dict[str, Path]:
@@ -60,13 +59,7 @@ def write_domains(out: Path, seed: int = 0) -> dict[str, Path]:
 
 
 def run_one(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    from jobs.finetune import run
-
-    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run, never a resume
-    started = time.time()
-    summary = run(
-        compose(overrides + [f"run.output_dir={out}", f"run.name={name}"]), show_progress=False
-    )
+    summary, wall = fresh_run(name, overrides, out)
     records = runlog.read(summary.run_dir)
     domain = [r["dann_domain_accuracy"] for r in records if "dann_domain_accuracy" in r]
     return {
@@ -74,7 +67,7 @@ def run_one(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
         "target_test_accuracy": summary.metrics.get("test_accuracy"),
         "target_test_macro_f1": summary.metrics.get("test_macro_f1"),
         "domain_accuracy_last": domain[-1] if domain else None,
-        "wall_s": time.time() - started,
+        "wall_s": wall,
     }
 
 

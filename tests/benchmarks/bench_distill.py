@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
 
 from jobs.config import compose  # noqa: E402
+from tests.benchmarks.common import fresh_run, metrics_of, one_eval_schedule  # noqa: E402
 
 
 def cut_model(source: str, blocks: int, out: Path, *, gguf_file: str | None = None) -> Path:
@@ -54,36 +54,9 @@ def cut_model(source: str, blocks: int, out: Path, *, gguf_file: str | None = No
 
 
 def run_one(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    from jobs.finetune import run
-
-    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run, never a resume
-    started = time.time()
-    summary = run(
-        compose(overrides + [f"run.output_dir={out}", f"run.name={name}"]), show_progress=False
-    )
-    m = summary.metrics
-    return {
-        "eval_loss": m.get("eval_loss"),
-        "eval_accuracy": m.get("eval_accuracy"),
-        "test_accuracy": m.get("test_accuracy"),
-        "test_macro_f1": m.get("test_macro_f1"),
-        "trainable_params": m.get("trainable_params"),
-        "wall_s": time.time() - started,
-        "run_dir": str(summary.run_dir),
-    }
-
-
-def _schedule(steps: int, micro_batch: int) -> list[str]:
-    return [
-        f"train.max_steps={steps}",
-        f"train.micro_batch_size={micro_batch}",
-        f"train.warmup_steps={steps // 10}",
-        "train.schedule=linear",
-        f"train.eval_every={steps}",
-        f"train.checkpoint_every={steps}",
-        "train.log_every=10",
-        "deepspeed=zero2",
-    ]
+    summary, wall = fresh_run(name, overrides, out)
+    keys = ("eval_loss", "eval_accuracy", "test_accuracy", "test_macro_f1", "trainable_params")
+    return metrics_of(summary, wall, keys)
 
 
 def classification(steps: int, work: Path, student_lr: float) -> dict[str, Any]:
@@ -93,7 +66,7 @@ def classification(steps: int, work: Path, student_lr: float) -> dict[str, Any]:
     student_dir = cut_model(weights_dir(teacher_cfg.model), 3, work / "minilm-3blocks")
     data = ["data=stdlib_docs", "data.test_fraction=0.2"]
     teacher = run_one(
-        "teacher", ["model=minilm", *data, "train.lr=1e-4", *_schedule(steps, 16)], work
+        "teacher", ["model=minilm", *data, "train.lr=1e-4", *one_eval_schedule(steps, 16)], work
     )
     student = [
         "model=hf",
@@ -101,7 +74,7 @@ def classification(steps: int, work: Path, student_lr: float) -> dict[str, Any]:
         "model.task=sequence_classification",
         *data,
         f"train.lr={student_lr}",
-        *_schedule(steps, 16),
+        *one_eval_schedule(steps, 16),
         "run.export=false",
     ]
     term = (
@@ -133,7 +106,7 @@ def causal_lm(steps: int, work: Path) -> dict[str, Any]:
         "data=wordnet_instruct",
         "data.max_length=64",
         "train.lr=3e-4",
-        *_schedule(steps, 8),
+        *one_eval_schedule(steps, 8),
         "run.export=false",
     ]
     term = f"objectives=[{{name:distill,args:{{teacher:{teacher_dir},alpha:0.5,temperature:1.0}}}}]"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Any
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
 
-from jobs.config import compose  # noqa: E402
 from jobs.data.stdlib_docs import examples  # noqa: E402
+from tests.benchmarks.common import fresh_run, metrics_of, one_eval_schedule  # noqa: E402
 
 
 def write_tasks(out: Path, seed: int = 0) -> dict[str, Path]:
@@ -51,34 +50,9 @@ def write_tasks(out: Path, seed: int = 0) -> dict[str, Path]:
 
 
 def run_one(name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    from jobs.finetune import run
-
-    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run, never a resume
-    started = time.time()
-    summary = run(
-        compose(overrides + [f"run.output_dir={out}", f"run.name={name}"]), show_progress=False
-    )
-    m = summary.metrics
+    summary, wall = fresh_run(name, overrides, out)
     keys = ("test_accuracy", "source_accuracy_before", "source_accuracy", "forgotten")
-    return {
-        **{k: m.get(k) for k in keys},
-        "wall_s": time.time() - started,
-        "run_dir": str(summary.run_dir),
-    }
-
-
-def _schedule(steps: int, lr: float) -> list[str]:
-    return [
-        f"train.max_steps={steps}",
-        "train.micro_batch_size=16",
-        f"train.lr={lr}",
-        f"train.warmup_steps={steps // 10}",
-        "train.schedule=linear",
-        f"train.eval_every={steps}",
-        f"train.checkpoint_every={steps}",
-        "train.log_every=10",
-        "deepspeed=zero2",
-    ]
+    return metrics_of(summary, wall, keys)
 
 
 def main() -> None:
@@ -97,7 +71,8 @@ def main() -> None:
             *common,
             f"data.path={paths['a_train']}",
             f"data.test_path={paths['a_test']}",
-            *_schedule(args.steps_a, 1e-4),
+            "train.lr=1e-4",
+            *one_eval_schedule(args.steps_a, 16),
         ],
         work,
     )
@@ -112,7 +87,8 @@ def main() -> None:
         f"data.labels=[{','.join(labels)}]",  # A's head, in A's order
         f"eval.source_path={paths['a_test']}",
         "run.export=false",
-        *_schedule(args.steps_b, 3e-4),
+        "train.lr=3e-4",
+        *one_eval_schedule(args.steps_b, 16),
     ]
     ewc = f"objectives=[{{name:ewc,weight:1.0,args:{{source_path:{paths['a_train']}}}}}]"
     rows = {
