@@ -40,6 +40,8 @@ class TrialRow:
     stopped_at_eval: int | None
     run_dir: str | None
     retry_of: int | None
+    # What the forgetting probe (eval.source_path) measured, for a finished trial.
+    forgotten: float | None = None
 
 
 def load_config(sweep_dir: Path) -> FinetuneConfig:
@@ -70,9 +72,22 @@ def _rows(study: Any) -> list[TrialRow]:
                 stopped_at_eval=t.user_attrs.get("stopped_at_eval"),
                 run_dir=t.user_attrs.get("run_dir"),
                 retry_of=int(history[0]) if history else None,
+                forgotten=_forgotten(t.user_attrs.get("run_dir")),
             )
         )
     return rows
+
+
+def _forgotten(run_dir: str | None) -> float | None:
+    """The end record's ``forgotten`` (accuracy before - after on the source data)."""
+    from jobs import runlog
+
+    if not run_dir or not (Path(run_dir) / runlog.METRICS).is_file():
+        return None
+    records = runlog.read(Path(run_dir))
+    end: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "end"), {})
+    value = end.get("forgotten")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 # --------------------------------------------------------------------------- plots
@@ -386,16 +401,36 @@ def rung_counts(meta: dict[str, Any], rows: list[TrialRow]) -> list[list[Any]]:
     return table
 
 
-def _table_header(objectives: list[dict[str, str]], params: list[str]) -> list[str]:
-    return ["trial", "state", *[o["metric"] for o in objectives], *params, "stopped at eval"]
+def _shows_forgetting(rows: list[TrialRow], objectives: list[dict[str, str]]) -> bool:
+    """A forgotten column beside the objectives (unless it is one of them)."""
+    return any(r.forgotten is not None for r in rows) and not any(
+        o["metric"] == "forgotten" for o in objectives
+    )
+
+
+def _table_header(
+    objectives: list[dict[str, str]], params: list[str], forgotten: bool = False
+) -> list[str]:
+    extra = ["forgotten"] if forgotten else []
+    return [
+        "trial",
+        "state",
+        *[o["metric"] for o in objectives],
+        *extra,
+        *params,
+        "stopped at eval",
+    ]
 
 
 def _table_rows(
     rows: list[TrialRow], objectives: list[dict[str, str]], params: list[str], front: set[int]
 ) -> list[list[str]]:
     table = []
+    forgotten = _shows_forgetting(rows, objectives)
     for r in rows:
         values: list[float | None] = [None] * len(objectives) if r.values is None else [*r.values]
+        if forgotten:
+            values.append(r.forgotten)
         number = (
             f"{r.number}"
             + (" (Pareto)" if r.number in front else "")
@@ -482,7 +517,7 @@ def _markdown(
             *["| " + " | ".join(map(str, row)) + " |" for row in rung_rows],
         ]
     lines += ["", "## Trials", ""]
-    header = _table_header(objectives, params)
+    header = _table_header(objectives, params, _shows_forgetting(rows, objectives))
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _table_rows(rows, objectives, params, front)]
     lines += ["", "## Plots", ""]
@@ -528,7 +563,7 @@ def _html(
             )
     if verdict:
         parts.append(f"<p class='{'neg' if 'NEGATIVE' in verdict else ''}'>{e(verdict)}</p>")
-    header = _table_header(objectives, params)
+    header = _table_header(objectives, params, _shows_forgetting(rows, objectives))
     parts.append(
         "<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
     )

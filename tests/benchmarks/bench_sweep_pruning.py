@@ -1,7 +1,7 @@
 """Pruning efficiency of `graft sweep`: the same trials under Ray's ASHA, the stratified
 rule (graft's default) and no pruning, and what one trial's start-up costs.
 
-    python tests/benchmarks/bench_sweep_pruning.py [--trials 8] [--steps 30]   # or: make bench
+    python tests/benchmarks/bench_sweep_pruning.py [--trials 8] [--steps 30] [--evals 3]
 
 A small real sweep: MiniLM (real pretrained weights) on the stdlib docstring task, the
 `transfer` space. The trial parameter sets are drawn once (seeded random sampling from
@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--evals", type=int, default=3, help="evaluations per full trial (rungs)")
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
@@ -114,8 +115,8 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = [
         f"train.max_steps={args.steps}",
-        f"train.eval_every={args.steps // 3}",
-        f"train.checkpoint_every={args.steps // 3}",
+        f"train.eval_every={args.steps // args.evals}",
+        f"train.checkpoint_every={args.steps // args.evals}",
         f"sweep.num_trials={args.trials}",
         f"sweep.max_concurrent={args.concurrent}",
         "sweep.baseline=none",
@@ -158,7 +159,7 @@ def main() -> None:
     }
     record = {
         "setup": f"MiniLM on stdlib_docs, transfer space, {args.trials} enqueued trials x {args.steps} steps, "
-        f"eval every {args.steps // 3}, {args.concurrent} trials at once, 1 worker each, ZeRO-2, 2 CPU cores",
+        f"eval every {args.steps // args.evals}, {args.concurrent} trials at once, 1 worker each, ZeRO-2, 2 CPU cores",
         "points": points,
         "results": results,
         "saved_vs_no_pruning": savings,

@@ -320,6 +320,12 @@ def _fake_sweep(data_dir: Path, tmp_path: Path, objectives: str) -> Path:
         params = space_lib.sample(trial, space)
         curve = [[e, 0.5 + 0.05 * i - 0.1 * e] for e in (1, 2) if not (i == 2 and e == 2)]
         trial.set_user_attr("curve", curve)
+        if i in (0, 1):  # finished with the forgetting probe on (eval.source_path)
+            run_dir = sweep_dir / "trials" / str(i)
+            run_dir.mkdir(parents=True)
+            end = {"event": "end", "step": 12, "forgotten": 0.125 * (i + 1)}
+            (run_dir / "metrics.jsonl").write_text(json.dumps(end) + "\n")
+            trial.set_user_attr("run_dir", str(run_dir))
         if i == 2:
             trial.set_user_attr("stopped_at_eval", 1)
             study.tell(trial, state=TrialState.PRUNED)
@@ -364,6 +370,10 @@ def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> N
     # Scratch did worse than the best (higher loss): no negative-transfer warning.
     assert "NEGATIVE TRANSFER" not in md and "Transfer gain" in md
     assert "| 2 | pruned |" in md and "| 5 | fail |" in md
+    # The forgetting probe's measure beside the objective, where the trials have it.
+    assert "| forgotten |" in md and "<th>forgotten</th>" in page
+    row = next(line for line in md.splitlines() if line.startswith("| 1 "))
+    assert "| 0.25 |" in row
     for name in ("history", "curves", "slices", "importances", "baselines"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
