@@ -22,10 +22,11 @@ class Memory:
     buckets: int  # ZeRO-1/2/3: the gradient reduce bucket
     activations: int
     host: int = 0
+    terms: int = 0  # the loss terms' frozen parameters (Counts.term_params)
 
     @property
     def model_states(self) -> int:
-        return self.params + self.grads + self.optimizer
+        return self.params + self.grads + self.optimizer + self.terms
 
     @property
     def buffers(self) -> int:
@@ -59,7 +60,8 @@ def model_states(
         ZeRO-0    4P   + 4T        + 8T
         ZeRO-1/2  4P   + 4T/N      + 12T/N   (this DeepSpeed partitions ZeRO-1's grads too)
         ZeRO-3    4P/N + 4T/N      + 12T/N   + 8L gathered
-    ZeRO-1/2/3 add one reduce bucket (``engine.bucket_sizes``) of gradients.
+    ZeRO-1/2/3 add one reduce bucket (``engine.bucket_sizes``) of gradients. The loss
+    terms' frozen parameters (references, Fisher, a teacher) are stored like P.
     Optimizer offload moves gradients, master weights and moments to host memory (the
     device keeps 2P at ZeRO-2, 2P/N at ZeRO-3, as DeepSpeed estimates); parameter
     offload (ZeRO-3) moves the parameter partition too.
@@ -82,4 +84,6 @@ def model_states(
         host, grads, optimizer = grads + optimizer, 0, 0
     if offload_params and stage == 3:
         host, params = host + params, 0
-    return Memory(params, grads, optimizer, gathered, buckets, 0, host)
+    # The terms' frozen parameters: whole on every rank, partitioned under ZeRO-3.
+    terms = counts.term_params * pbytes // (N if stage == 3 else 1)
+    return Memory(params, grads, optimizer, gathered, buckets, 0, host, terms)

@@ -20,6 +20,8 @@ def _rows(plan: Plan) -> list[tuple[str, int]]:
         ("gradients", m.grads),
         ("optimizer states", m.optimizer),
     ]
+    if m.terms:
+        rows.append(("loss terms (frozen: references, Fisher, teacher)", m.terms))
     if m.gathered:
         rows.append(("gathered layer (ZeRO-3)", m.gathered))
     if m.buckets:

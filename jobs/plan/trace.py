@@ -3,9 +3,11 @@ forward pass saves for backward (traced with the kernels training uses)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +51,9 @@ class Counts:
     num_blocks: int
     hidden: int
     context: int | None
+    # Frozen parameters the loss terms attach (L2-SP's references, EWC's references
+    # and Fisher, a distillation teacher): stored like the model's, no gradients.
+    term_params: int = 0
 
     @property
     def frozen(self) -> int:
@@ -159,6 +164,43 @@ def _as_trained(stage: int) -> Iterator[None]:
         functional.scaled_dot_product_attention, functional.linear = saved
 
 
+def term_parameters(cfg: FinetuneConfig, model: Any, layout: Any) -> int:
+    """What the loss terms add as frozen parameters (jobs/objectives): a copy of every
+    trained pretrained weight outside the heads for L2-SP, two for EWC (the reference
+    and F), the whole teacher for distillation (its config, on the meta device)."""
+    penalised = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in name and layout.locate(name).kind != "head"
+    )
+    extra = 0
+    for term in cfg.objectives:
+        if term.name == "l2sp":
+            extra += penalised
+        elif term.name == "ewc":
+            extra += 2 * penalised
+        elif term.name == "distill" and term.args.get("teacher"):
+            extra += _teacher_parameters(cfg, str(term.args["teacher"]))
+    return extra
+
+
+def _teacher_parameters(cfg: FinetuneConfig, teacher: str) -> int:
+    from transformers import AutoConfig
+
+    from jobs.objectives import distill
+
+    where = distill.teacher_dir(teacher, key="objectives.distill.args.teacher")
+    if (where / "adapter_config.json").is_file():  # merged into its base on load
+        where = Path(
+            json.loads((where / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
+    config = AutoConfig.from_pretrained(where)
+    auto = tasks.get(cfg.model).auto_class(config, distill.labels_of(config))
+    with torch.device("meta"):
+        teacher_model = auto.from_config(config)
+    return sum(p.numel() for p in teacher_model.parameters())
+
+
 def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Activations]:
     """Counts and activations of ``cfg``'s model under its strategy, on the meta device."""
     seq_len = seq_len or cfg.data.max_length
@@ -176,6 +218,7 @@ def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Acti
         num_blocks=layout.num_blocks,
         hidden=hidden_size(config),
         context=getattr(config, "max_position_embeddings", None),
+        term_params=term_parameters(cfg, model, layout),
     )
     # No attention mask: an all-ones mask is skipped anyway (and checking that needs
     # real values). Padded batches add one boolean mask, negligible beside the rest.

@@ -260,3 +260,38 @@ def test_trace_leaves_torch_functions_as_they_were() -> None:
     plan.trace(compose([*TINY, "deepspeed=zero3"]))
     after = torch.nn.functional.linear, torch.nn.functional.scaled_dot_product_attention
     assert before == after
+
+
+def test_loss_terms_frozen_parameters_are_planned(data_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """L2-SP keeps a copy of each trained pretrained weight outside the heads, EWC two
+    (reference and Fisher), distillation its whole teacher; ZeRO-3 partitions them."""
+    from tests.conftest import tiny_overrides, write_teacher
+
+    llm = [*tiny_overrides(data_dir), "strategy=freeze_depth", "strategy.num_trainable_blocks=2"]
+    model, _ = build(compose(llm).model)
+    layout = Layout.of(model.config)
+    strategies.apply(model, compose(llm).strategy, layout)
+    penalised = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.requires_grad and layout.locate(n).kind != "head"
+    )
+    text = data_dir / "text.txt"
+    ewc = f"objectives=[{{name:ewc,args:{{source_path:{text}}}}},{{name:l2sp,weight:0.1}}]"
+    for stage, ranks in ((2, 1), (3, 2)):
+        planned = _plan([*llm, ewc, f"deepspeed=zero{stage}"])
+        assert planned.counts.term_params == 3 * penalised
+        assert planned.memory.terms == 3 * penalised * 4 // ranks  # fp32
+    assert _plan(llm).memory.terms == 0
+
+    teacher = write_teacher(tmp_path / "teacher", data_dir, labels=["neg", "pos"])
+    cls = [*tiny_overrides(data_dir, task="classification"), "deepspeed=zero2"]
+    distill = f"objectives=[{{name:distill,args:{{teacher:{teacher}}}}}]"
+    from transformers import AutoModelForSequenceClassification
+
+    size = sum(
+        p.numel() for p in AutoModelForSequenceClassification.from_pretrained(teacher).parameters()
+    )
+    planned = _plan([*cls, distill])
+    assert planned.counts.term_params == size and planned.memory.terms == 4 * size
+    assert planned.memory.total == _plan(cls).memory.total + 4 * size
