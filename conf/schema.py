@@ -11,6 +11,7 @@ files live in ``jobs.preflight``; these here need nothing but the config itself.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ DATA_TASKS = ("classification", "instruction", "text")
 STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
 PROGRESSIVE_BASES = ("freeze_depth", "lora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
-TERMS = ("l2sp", "dann", "distill", "ewc")
+TERMS = ("l2sp", "dann", "distill", "ewc", "multitask")
 SCHEDULES = ("constant", "linear", "cosine")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
@@ -398,6 +399,8 @@ SCHEDULERS = ("stratified", "asha", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "log_float", "categorical")
 BASELINES = ("none", "scratch", "linear_probe", "both")
 # What a trial reports and a study can optimize; eval_* come from the job's evals.
+# A multi-task run's per-task metrics, or their mean: eval_accuracy/<task>, .../mean.
+PER_TASK_METRIC = re.compile(r"eval_(loss|accuracy|macro_f1)/[A-Za-z0-9_-]+")
 # forgotten / forgotten_loss: the forgetting probe (eval.source_path), before - after.
 OBJECTIVE_METRICS = (
     "eval_loss",
@@ -511,7 +514,8 @@ class SweepConfig:
         if not self.objectives:
             raise ConfigError("sweep.objectives", "needs at least one {metric, mode}")
         for i, objective in enumerate(self.objectives):
-            _one_of(f"sweep.objectives[{i}].metric", objective.metric, OBJECTIVE_METRICS)
+            if not PER_TASK_METRIC.fullmatch(objective.metric):  # (multi-task: one task's)
+                _one_of(f"sweep.objectives[{i}].metric", objective.metric, OBJECTIVE_METRICS)
             _one_of(f"sweep.objectives[{i}].mode", objective.mode, ("min", "max"))
         if not self.objectives[0].metric.startswith("eval_"):
             raise ConfigError(

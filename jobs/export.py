@@ -18,14 +18,14 @@ from jobs import objectives
 from jobs.models import build, weights_dir
 
 
-def full_state_dict(engine: Any) -> dict[str, Any] | None:
+def full_state_dict(engine: Any, *, terms: bool = False) -> dict[str, Any] | None:
     """The model's whole state dict on rank 0 (None elsewhere), gathered under ZeRO-3;
-    loss terms' modules (an L2-SP reference, ...) are left out."""
+    loss terms' modules (an L2-SP reference, ...) are left out unless ``terms``."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict() if engine.global_rank == 0 else None
-    if state is not None and isinstance(engine.module, objectives.Objective):
+    if state is not None and isinstance(engine.module, objectives.Objective) and not terms:
         state = objectives.model_state_dict(state)
     return state
 
@@ -33,10 +33,12 @@ def full_state_dict(engine: Any) -> dict[str, Any] | None:
 def export(
     engine: Any, tokenizer: Any, cfg: FinetuneConfig, export_dir: Path, *, labels: list[str] | None
 ) -> None:
-    state_dict = full_state_dict(engine)
+    whole = full_state_dict(engine, terms=True)  # (collective under ZeRO-3)
     if engine.global_rank != 0:
         return
-    assert state_dict is not None
+    assert whole is not None
+    wrapped = isinstance(engine.module, objectives.Objective)
+    state_dict = objectives.model_state_dict(whole) if wrapped else whole
     if export_dir.exists():
         shutil.rmtree(export_dir)
     module: Any = objectives.unwrap(engine.module)
@@ -50,6 +52,9 @@ def export(
             tokenizer.save_pretrained(export_dir / sub)
     if labels is not None:
         (export_dir / "labels.json").write_text(json.dumps(labels))
+    for term in engine.module.loss_terms if wrapped else []:
+        if hasattr(term, "export"):  # a term's own models (multi-task heads)
+            term.export(whole, export_dir, tokenizer)
 
 
 def _export_adapter(

@@ -117,6 +117,35 @@ def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
             _check_dann(cfg, i, term.args, labels)
         if term.name == "distill":
             _check_distill(cfg, i, term.args, labels)
+        if term.name == "multitask":
+            _check_multitask(cfg, i, term.args)
+
+
+def _check_multitask(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:
+    """The args, each task's file read and split as the workers will, and the
+    strategies whose model a task head can share."""
+    from jobs.objectives import multitask
+
+    multitask.check_args(index, args)
+    if cfg.strategy.name in ("lora", "progressive", "feature_extraction"):
+        raise ConfigError(
+            f"objectives[{index}].name",
+            f"multitask heads share the model's backbone module; strategy={cfg.strategy.name} "
+            "wraps or swaps it (not supported yet); allowed: full, freeze_depth",
+        )
+    fraction = float(args.get("eval_fraction", 0.2))
+    world, micro = cfg.scaling.num_workers, cfg.train.micro_batch_size
+    for name, task in args["tasks"].items():
+        key = f"objectives[{index}].args.tasks.{name}.path"
+        train, _, _ = multitask.read_task(
+            str(task["path"]), cfg.data, key=key, eval_fraction=fraction
+        )
+        if len(train) < world * micro:
+            raise ConfigError(
+                key,
+                f"{len(train)} training examples over {world} workers do not fill one "
+                f"micro batch of {micro}",
+            )
 
 
 def _check_ewc(

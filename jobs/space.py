@@ -42,7 +42,7 @@ def _term_path(cfg: FinetuneConfig, key: str) -> str:
             f"{key!r}: no loss term {name!r} in objectives (the config has {names or 'none'}); "
             "add it to objectives to sweep its knobs",
         )
-    if rest != ["weight"] and not (len(rest) == 2 and rest[0] == "args"):
+    if rest != ["weight"] and not (len(rest) >= 2 and rest[0] == "args"):
         raise ConfigError(
             "key",
             f"{key!r}: a loss term's knobs are objectives.{name}.weight or objectives.{name}.args.<arg>",

@@ -205,6 +205,8 @@ class Run:
     # tearing it down frees its memory).
     current: PhaseEngine | None = None
     streams: list[Stream] = dataclasses.field(default_factory=list)
+    # (term, task) -> that task's evaluation batches (multi-task: scored by its head)
+    task_evals: dict[tuple[str, str], list[Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -311,6 +313,21 @@ def setup(
         Stream(t.name, t.encode(t.stream_records(cfg.data), tokenizer, cfg.data), t)
         for t in readers
     ]
+    # Multi-task: a stream per extra task, and each task's held-out part for evaluation.
+    multi: list[Any] = [t for t in objectives.build(cfg.objectives) if hasattr(t, "task_streams")]
+    task_evals: dict[tuple[str, str], list[Any]] = {}
+    for t in multi:
+        for name, encoded in t.task_streams(cfg.data, tokenizer).items():
+            streams.append(Stream(f"{t.name}/{name}", encoded, t))
+        for name, encoded in t.task_evals(cfg.data, tokenizer).items():
+            task_evals[(t.name, name)] = data_lib.eval_batches(
+                encoded,
+                rank=rank,
+                world_size=world,
+                micro_batch_size=train.micro_batch_size,
+                pad_id=pad_id,
+                collate_fn=t.collate,
+            )
     digest = config_digest(cfg)
     if not _ranks_agree(digest):
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
@@ -350,6 +367,7 @@ def setup(
         resume_from=resume_from,
         fail_at_step=fail_at_step,
         streams=streams,
+        task_evals=task_evals,
     )
 
 
@@ -422,7 +440,9 @@ def start_engine(
             run_dir=run_dir,
         )
         module = objectives.Objective(model, context.task, terms, context)
-        extra = [p for p in module.terms.parameters() if p.requires_grad]
+        # (a multi-task head shares the model's backbone: its parameters are grouped once)
+        grouped = {id(p) for g in groups for p in g["params"]}
+        extra = [p for p in module.terms.parameters() if p.requires_grad and id(p) not in grouped]
         if extra:
             groups.append(
                 {"name": "terms", "params": extra, "lr": train.lr, "weight_decay": 0.0, "depth": 0}
@@ -699,6 +719,24 @@ def _evaluate(run: Run, current: PhaseEngine) -> dict[str, Any]:
     scores = evaluate(current.engine, run.eval_batches, task=run.task)
     for prefix, batches in run.extra_evals.items():
         scores.update(evaluate(current.engine, batches, task=run.task, prefix=prefix))
+    scores.update(_task_scores(run, current.engine, scores["eval_accuracy"]))
+    return scores
+
+
+def _task_scores(run: Run, engine: Any, main_accuracy: float) -> dict[str, Any]:
+    """Each extra task's held-out part through its own head: ``eval_accuracy/<task>``
+    and the others, and ``eval_accuracy/mean`` over the run's task and these."""
+    if not run.task_evals:
+        return {}
+    head = tasks.TASKS["sequence_classification"]
+    scores: dict[str, Any] = {}
+    accuracies = []
+    for (term, name), batches in run.task_evals.items():
+        route = partial(engine, **{objectives.multitask.ROUTE: (term, name)})
+        for key, value in evaluate(route, batches, task=head).items():
+            scores[f"{key}/{name}"] = value
+        accuracies.append(scores[f"eval_accuracy/{name}"])
+    scores["eval_accuracy/mean"] = (main_accuracy + sum(accuracies)) / (1 + len(accuracies))
     return scores
 
 
@@ -830,6 +868,7 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
     }
     for prefix, batches in run.extra_evals.items():
         final.update(evaluate(engine, batches, task=run.task, prefix=prefix))
+    final.update(_task_scores(run, engine, final["eval_accuracy"]))
     if run.test_batches:
         final.update(
             evaluate(

@@ -54,6 +54,19 @@ def write_instructions(path: Path, n: int = 240, seed: int = 0) -> Path:
     return path
 
 
+def write_colors(path: Path, n: int = 240, seed: int = 3) -> Path:
+    """A second labelled task for multi-task runs: a fruit's color (6 labels)."""
+    rng = random.Random(seed)
+    fruits = sorted(COLORS)
+    with path.open("w") as f:
+        for _ in range(n):
+            fruit = rng.choice(fruits)
+            f.write(
+                json.dumps({"text": f"a ripe {fruit} on the table", "label": COLORS[fruit]}) + "\n"
+            )
+    return path
+
+
 def write_target_domain(path: Path, n: int = 96, seed: int = 1, labelled: bool = False) -> Path:
     """The classification set's sentiment words in another domain's sentences (books
     instead of films): DANN's unlabelled target data, or with labels its target eval."""
@@ -104,6 +117,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_target_domain(root / "target.jsonl")
     write_target_domain(root / "target_eval.jsonl", n=48, seed=2, labelled=True)
     write_instructions(root / "instruct.jsonl")
+    write_colors(root / "colors.jsonl")
     (root / "text.txt").write_text(
         "\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3
     )

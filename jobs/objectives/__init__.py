@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
-from jobs.objectives import dann, distill, ewc, l2sp
+from jobs.objectives import dann, distill, ewc, l2sp, multitask
 
 
 @dataclass
@@ -72,6 +72,7 @@ TERMS: dict[str, Callable[[TermConfig], Term]] = {
     "dann": dann.DANN,
     "distill": distill.Distill,
     "ewc": ewc.EWC,
+    "multitask": multitask.MultiTask,
 }
 
 # Where Objective keeps the wrapped model and the terms' modules (export strips these).
@@ -109,7 +110,12 @@ class Objective(nn.Module):
     def config(self) -> Any:
         return self.model.config
 
-    def forward(self, **batch: torch.Tensor) -> Any:
+    def forward(self, **batch: Any) -> Any:
+        route = batch.pop(multitask.ROUTE, None)
+        if route is not None:  # a batch for a term's own head (a multi-task evaluation)
+            term, head = route
+            heads: Any = self.terms[term]
+            return heads[head](**batch)
         if not self.loss_terms:
             return self.model(**batch)
         for term in self.loss_terms:

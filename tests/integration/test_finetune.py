@@ -106,6 +106,11 @@ def distill_term(teacher: Path) -> str:
     return f"objectives=[{{name:distill,args:{{teacher:{teacher},alpha:0.5,temperature:2.0}}}}]"
 
 
+def multitask_term(data_dir: Path) -> str:
+    colors = data_dir / "colors.jsonl"
+    return f"objectives=[{{name:multitask,args:{{tasks:{{color:{{path:{colors},weight:1.0}}}}}}}}]"
+
+
 def _gang_runs(data_dir: Path, teacher: Path) -> dict[str, list[str]]:
     """Every run of this module that needs no crash in between, by name."""
     runs: dict[str, list[str]] = {}
@@ -160,6 +165,15 @@ def _gang_runs(data_dir: Path, teacher: Path) -> dict[str, list[str]]:
             "train.eval_every=20",
             "train.checkpoint_every=20",
             distill_term(teacher),
+        ]
+    for stage in (2, 3):  # a second task (fruit colors, 6 labels) on its own head
+        runs[f"multitask-zero{stage}"] = cls + [
+            f"deepspeed=zero{stage}",
+            *DANN_RUN,
+            "train.max_steps=30",
+            "train.eval_every=15",
+            "train.checkpoint_every=15",
+            multitask_term(data_dir),
         ]
     runs["l2sp-progressive-classify"] = cls + [
         "deepspeed=zero3",
@@ -463,5 +477,54 @@ def test_distillation_follows_the_teacher_the_same_under_zero2_and_zero3(
         assert exported["num_hidden_layers"] == 4
         assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
     # The teacher is partitioned with the student under ZeRO-3: the same term, step by step.
+    for step, value in logged[2].items():
+        assert logged[3][step] == pytest.approx(value, rel=1e-3), step
+
+
+# --------------------------------------------------------------------------- multi-task
+def test_multitask_heads_learn_their_tasks_the_same_under_zero2_and_zero3(
+    gang: dict[str, Any],
+) -> None:
+    from jobs.objectives import multitask
+
+    logged = {}
+    for stage in (2, 3):
+        cfg, records, run_dir = gang[f"multitask-zero{stage}"]
+        evals = [r for r in records if "eval_loss" in r]
+        for r in evals:  # each task's own metrics at every evaluation, and their mean
+            assert {"eval_accuracy/color", "eval_loss/color", "eval_accuracy/mean"} <= set(r)
+            assert r["eval_accuracy/mean"] == pytest.approx(
+                (r["eval_accuracy"] + r["eval_accuracy/color"]) / 2
+            )
+        baseline, end = _event(records, "baseline"), _event(records, "end")
+        assert end["eval_loss/color"] < baseline["eval_loss/color"] - 0.05  # its head learns
+        assert end["eval_loss"] < baseline["eval_loss"]  # and the run's own task too
+        logged[stage] = {r["step"]: r["loss"] for r in records if "loss" in r}
+        # The export: the run's model, and a plain transformers model per extra task that
+        # scores the task's held-out part as training ended.
+        assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
+        where = run_dir / "export" / "tasks" / "color"
+        model = AutoModelForSequenceClassification.from_pretrained(where).eval()
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        labels = json.loads((where / "labels.json").read_text())
+        term = cfg.objectives[0]
+        _, held_out, _ = multitask.read_task(
+            term.args["tasks"]["color"]["path"], cfg.data, key="k", eval_fraction=0.2
+        )
+        index = {label: i for i, label in enumerate(labels)}
+        enc = tokenizer(
+            [r["text"] for r in held_out],
+            truncation=True,
+            max_length=cfg.data.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            logits = model(**enc).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits, torch.tensor([index[r["label"]] for r in held_out])
+        )
+        assert float(loss) == pytest.approx(end["eval_loss/color"], rel=1e-3)
+    # The shared backbone is partitioned once under ZeRO-3: the same losses step by step.
     for step, value in logged[2].items():
         assert logged[3][step] == pytest.approx(value, rel=1e-3), step
