@@ -20,7 +20,13 @@ from jobs.config import compose
 from jobs.finetune import FAIL_AT_STEP_ENV, STOP_AT_STEP_ENV
 from jobs.pool import Pool
 from tests.conftest import tiny_overrides, write_teacher
-from tests.integration.test_finetune import _event, _losses, dann_term, distill_term
+from tests.integration.test_finetune import (
+    _event,
+    _losses,
+    dann_term,
+    distill_term,
+    multitask_term,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
 
@@ -32,6 +38,8 @@ RESUME = {
     "zero2-dann": ["deepspeed=zero2", "DANN"],
     # the teacher is a frozen part of the checkpointed module
     "zero2-distill": ["deepspeed=zero2", "DISTILL"],
+    # the extra task's head is checkpointed with the model; its stream and draws resume
+    "zero3-multitask": ["deepspeed=zero3", "MULTITASK"],
     # with EWC (its Fisher stored at the start, read back by each later phase and by
     # the resume) and the forgetting probe (its scores before training, likewise)
     "zero3-progressive": [
@@ -45,7 +53,11 @@ RESUME = {
 }
 RESUME_SCHEDULE = ["train.schedule=linear", "train.warmup_steps=2"]
 # Configs of another task than tiny_overrides' default (instruction tuning).
-RESUME_TASK = {"zero2-dann": "classification", "zero2-distill": "classification"}
+RESUME_TASK = {
+    "zero2-dann": "classification",
+    "zero2-distill": "classification",
+    "zero3-multitask": "classification",
+}
 
 
 CRASH = {
@@ -53,6 +65,7 @@ CRASH = {
     "zero2-freeze_depth": (9, 6),
     "zero2-dann": (9, 6),
     "zero2-distill": (9, 6),
+    "zero3-multitask": (9, 6),
     "zero3-progressive": (11, 10),
 }
 # After the resumed runs, commit markers are removed from the newest checkpoint(s): the
@@ -63,6 +76,7 @@ AGAIN = {
     "zero2-freeze_depth": ([12], 6),
     "zero2-dann": ([12], 6),
     "zero2-distill": ([12], 6),
+    "zero3-multitask": ([12], 6),
     "zero3-progressive": ([12, 10], 8),
 }
 
@@ -91,6 +105,7 @@ def crashed(
     terms = {
         "DANN": [dann_term(data_dir)],
         "DISTILL": [distill_term(teacher)],
+        "MULTITASK": [multitask_term(data_dir)],
         "EWC": [
             f"objectives=[{{name:ewc,weight:0.1,args:{{source_path:{text}}}}}]",
             f"eval.source_path={text}",
@@ -165,7 +180,7 @@ def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
         assert b[step] == pytest.approx(a[step], rel=1e-5), f"step {step}"
     # DANN's target stream picked up where it stopped; the teacher came back as it was:
     # the same term values
-    for term in ("dann", "distill", "ewc"):
+    for term in ("dann", "distill", "ewc", "multitask"):
         if term not in extra and not (term == "ewc" and progressive):
             continue
         terms = [{r["step"]: r[term] for r in recs if term in r} for recs in (straight, resumed)]
@@ -176,6 +191,10 @@ def test_a_crashed_run_resumes_from_its_last_complete_checkpoint(
     assert _event(resumed, "end")["eval_loss"] == pytest.approx(
         _event(straight, "end")["eval_loss"], rel=1e-5
     )
+    if "multitask" in extra:  # the extra task's head came back as it was
+        assert _event(resumed, "end")["eval_loss/color"] == pytest.approx(
+            _event(straight, "end")["eval_loss/color"], rel=1e-5
+        )
     if progressive:  # the probe's scores from before the crash: the same forgetting
         assert _event(resumed, "end")["forgotten_loss"] == pytest.approx(
             _event(straight, "end")["forgotten_loss"], rel=1e-5
