@@ -284,16 +284,18 @@ def setup(
     layout = Layout.of(model.config)
     pad_id = tokenizer.pad_token_id
 
-    def batches(records: list[dict[str, str]], data: Any = cfg.data) -> list[Any]:
-        encoded = task.encode(records, tokenizer, data, dataset.labels)
+    def shard(encoded: list[dict[str, Any]], collate: Any = task.collate) -> list[Any]:
         return data_lib.eval_batches(
             encoded,
             rank=rank,
             world_size=world,
             micro_batch_size=train.micro_batch_size,
             pad_id=pad_id,
-            collate_fn=task.collate,
+            collate_fn=collate,
         )
+
+    def batches(records: list[dict[str, str]], data: Any = cfg.data) -> list[Any]:
+        return shard(task.encode(records, tokenizer, data, dataset.labels))
 
     # The forgetting probe's data (eval.source_path), in the run's format or plain text.
     source = None
@@ -306,28 +308,19 @@ def setup(
         len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
     )
     # Loss terms with their own data (DANN's target domain): encoded once, streamed per phase.
-    readers: list[Any] = [
-        t for t in objectives.build(cfg.objectives) if hasattr(t, "stream_records")
-    ]
+    terms: list[Any] = objectives.build(cfg.objectives)
     streams = [
         Stream(t.name, t.encode(t.stream_records(cfg.data), tokenizer, cfg.data), t)
-        for t in readers
+        for t in terms
+        if hasattr(t, "stream_records")
     ]
     # Multi-task: a stream per extra task, and each task's held-out part for evaluation.
-    multi: list[Any] = [t for t in objectives.build(cfg.objectives) if hasattr(t, "task_streams")]
     task_evals: dict[tuple[str, str], list[Any]] = {}
-    for t in multi:
+    for t in (t for t in terms if hasattr(t, "task_streams")):
         for name, encoded in t.task_streams(cfg.data, tokenizer).items():
             streams.append(Stream(f"{t.name}/{name}", encoded, t))
         for name, encoded in t.task_evals(cfg.data, tokenizer).items():
-            task_evals[(t.name, name)] = data_lib.eval_batches(
-                encoded,
-                rank=rank,
-                world_size=world,
-                micro_batch_size=train.micro_batch_size,
-                pad_id=pad_id,
-                collate_fn=t.collate,
-            )
+            task_evals[(t.name, name)] = shard(encoded, t.collate)
     digest = config_digest(cfg)
     if not _ranks_agree(digest):
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
@@ -353,7 +346,7 @@ def setup(
         source_batches=batches(*source) if source else [],
         extra_evals={
             prefix: batches(records)
-            for t in objectives.build(cfg.objectives)
+            for t in terms
             if hasattr(t, "eval_sets")
             for prefix, records in t.eval_sets(cfg.data, task, dataset.labels).items()
         },

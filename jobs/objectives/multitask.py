@@ -140,6 +140,7 @@ class MultiTask:
         self.labels: dict[str, list[str]] = {}
         self.sizes: dict[str, int] = {}
         self.heads: nn.ModuleDict | None = None
+        self._held_out: dict[str, list[dict[str, Any]]] = {}
         self._chosen: dict[str, dict[str, torch.Tensor]] = {}
         self.metrics: dict[str, torch.Tensor] = {}
 
@@ -159,21 +160,21 @@ class MultiTask:
         ]
 
     def task_streams(self, data: Any, tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
-        """Each task's encoded training examples (the worker streams them)."""
-        streams = {}
+        """Each task's encoded training examples (the worker streams them); the held-out
+        parts are kept for ``task_evals``."""
+        streams, self._held_out = {}, {}
         for task in self.paths:
-            train, _, labels = self._read(task, data)
+            train, held_out, labels = self._read(task, data)
             self.labels[task], self.sizes[task] = labels, len(train)
             streams[task] = self.encode_task(task, train, tokenizer, data)
+            self._held_out[task] = self.encode_task(task, held_out, tokenizer, data)
         return streams
 
     def task_evals(self, data: Any, tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
-        evals = {}
-        for task in self.paths:
-            _, held_out, labels = self._read(task, data)
-            self.labels[task] = labels
-            evals[task] = self.encode_task(task, held_out, tokenizer, data)
-        return evals
+        """Each task's encoded held-out examples (after ``task_streams``)."""
+        if not self._held_out:
+            self.task_streams(data, tokenizer)
+        return dict(self._held_out)
 
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         from jobs.tasks.common import pad_ids
