@@ -400,7 +400,7 @@ PARAM_TYPES = ("int", "float", "log_float", "categorical")
 BASELINES = ("none", "scratch", "linear_probe", "both")
 # What a trial reports and a study can optimize; eval_* come from the job's evals.
 # A multi-task run's per-task metrics, or their mean: eval_accuracy/<task>, .../mean.
-PER_TASK_METRIC = re.compile(r"eval_(loss|accuracy|macro_f1)/[A-Za-z0-9_-]+")
+PER_TASK_METRIC = re.compile(r"eval_(loss|accuracy|macro_f1|perplexity)/[A-Za-z0-9_-]+")
 # forgotten / forgotten_loss: the forgetting probe (eval.source_path), before - after.
 OBJECTIVE_METRICS = (
     "eval_loss",

@@ -42,8 +42,13 @@ def export(
     if export_dir.exists():
         shutil.rmtree(export_dir)
     module: Any = objectives.unwrap(engine.module)
+    terms = [t for t in engine.module.loss_terms if hasattr(t, "export")] if wrapped else []
+    plain = state_dict  # the bare model's weights by plain names (LoRA merged in)
     if isinstance(module, peft.PeftModel):
-        _export_adapter(module, state_dict, cfg, export_dir, labels=labels)
+        merged = _export_adapter(
+            module, state_dict, cfg, export_dir, labels=labels, merge=bool(terms)
+        )
+        plain = merged.state_dict() if merged is not None else {}
     else:
         module.save_pretrained(export_dir, state_dict=state_dict)
         tokenizer.save_pretrained(export_dir)
@@ -52,9 +57,8 @@ def export(
             tokenizer.save_pretrained(export_dir / sub)
     if labels is not None:
         (export_dir / "labels.json").write_text(json.dumps(labels))
-    for term in engine.module.loss_terms if wrapped else []:
-        if hasattr(term, "export"):  # a term's own models (multi-task heads)
-            term.export(whole, export_dir, tokenizer)
+    for term in terms:  # a term's own models (multi-task heads)
+        term.export(whole, plain, export_dir, tokenizer)
 
 
 def _export_adapter(
@@ -64,7 +68,11 @@ def _export_adapter(
     export_dir: Path,
     *,
     labels: list[str] | None,
-) -> None:
+    merge: bool = False,
+) -> Any:
+    """The adapter (and the base it trained on when no weights are on disk), and with
+    run.export_merged the merged model; returns the merged model when ``merge`` or
+    export_merged asked for it (None otherwise)."""
     adapter_dir = export_dir / "adapter"
     if cfg.model.arch is not None or not cfg.model.pretrained:
         # No weights on disk to attach the adapter to: save the (frozen) base it trained on.
@@ -76,7 +84,10 @@ def _export_adapter(
         base_path = weights_dir(cfg.model)
     module.peft_config["default"].base_model_name_or_path = base_path
     module.save_pretrained(str(adapter_dir), state_dict=state_dict)
+    if not (cfg.run.export_merged or merge):
+        return None
+    base, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
+    merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if cfg.run.export_merged:
-        base, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
-        merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(export_dir / "merged")
+    return merged

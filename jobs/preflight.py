@@ -122,29 +122,36 @@ def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
 
 
 def _check_multitask(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:
-    """The args, each task's file read and split as the workers will, and the
-    strategies whose model a task head can share."""
+    """The args, each task's rows read and split as the workers will, and LM heads only
+    on families that have a causal LM."""
     from jobs.objectives import multitask
 
     multitask.check_args(index, args)
-    if cfg.strategy.name in ("lora", "progressive", "feature_extraction"):
-        raise ConfigError(
-            f"objectives[{index}].name",
-            f"multitask heads share the model's backbone module; strategy={cfg.strategy.name} "
-            "wraps or swaps it (not supported yet); allowed: full, freeze_depth",
-        )
+    config = hf_config(cfg.model)
+    family = Layout.of(config).family
     fraction = float(args.get("eval_fraction", 0.2))
     world, micro = cfg.scaling.num_workers, cfg.train.micro_batch_size
-    for name, task in args["tasks"].items():
-        key = f"objectives[{index}].args.tasks.{name}.path"
+    for name, spec in multitask.specs(args).items():
+        where = f"objectives[{index}].args.tasks.{name}"
+        if spec.head == "lm" and not family.causal_lm:
+            raise ConfigError(
+                f"{where}.head",
+                f"an LM head predicts the next token, which needs a decoder; "
+                f"{config.model_type} is an encoder; allowed here: classification",
+            )
+        key = f"objectives[{index}].args.path" if spec.shared else f"{where}.path"
         train, _, _ = multitask.read_task(
-            str(task["path"]), cfg.data, key=key, eval_fraction=fraction
+            spec,
+            cfg.data,
+            key=key,
+            eval_fraction=fraction,
+            task_field=str(args.get("task_field", "task")),
         )
         if len(train) < world * micro:
             raise ConfigError(
                 key,
-                f"{len(train)} training examples over {world} workers do not fill one "
-                f"micro batch of {micro}",
+                f"{len(train)} training examples of task {name} over {world} workers do not "
+                f"fill one micro batch of {micro}",
             )
 
 

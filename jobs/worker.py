@@ -205,8 +205,11 @@ class Run:
     # tearing it down frees its memory).
     current: PhaseEngine | None = None
     streams: list[Stream] = dataclasses.field(default_factory=list)
-    # (term, task) -> that task's evaluation batches (multi-task: scored by its head)
-    task_evals: dict[tuple[str, str], list[Any]] = dataclasses.field(default_factory=dict)
+    # (term, task) -> the jobs.tasks task that scores it and its evaluation batches
+    # (multi-task: each scored by its own head)
+    task_evals: dict[tuple[str, str], tuple[Any, list[Any]]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @dataclasses.dataclass
@@ -216,7 +219,7 @@ class Stream:
 
     name: str
     encoded: list[dict[str, Any]]
-    term: Any  # for its collate
+    collate: Any  # its examples into a batch
 
 
 @dataclasses.dataclass
@@ -310,17 +313,20 @@ def setup(
     # Loss terms with their own data (DANN's target domain): encoded once, streamed per phase.
     terms: list[Any] = objectives.build(cfg.objectives)
     streams = [
-        Stream(t.name, t.encode(t.stream_records(cfg.data), tokenizer, cfg.data), t)
+        Stream(t.name, t.encode(t.stream_records(cfg.data), tokenizer, cfg.data), t.collate)
         for t in terms
         if hasattr(t, "stream_records")
     ]
     # Multi-task: a stream per extra task, and each task's held-out part for evaluation.
-    task_evals: dict[tuple[str, str], list[Any]] = {}
+    task_evals: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
     for t in (t for t in terms if hasattr(t, "task_streams")):
         for name, encoded in t.task_streams(cfg.data, tokenizer).items():
-            streams.append(Stream(f"{t.name}/{name}", encoded, t))
+            streams.append(Stream(f"{t.name}/{name}", encoded, t.task_collate(name)))
         for name, encoded in t.task_evals(cfg.data, tokenizer).items():
-            task_evals[(t.name, name)] = shard(encoded, t.collate)
+            task_evals[(t.name, name)] = (
+                t.task_kind(name),
+                shard(encoded, t.task_collate(name)),
+            )
     digest = config_digest(cfg)
     if not _ranks_agree(digest):
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
@@ -393,6 +399,7 @@ def start_engine(
     task: Any = None,
     pretrained: Any = None,
     weights: dict[str, torch.Tensor] | None = None,
+    term_weights: dict[str, torch.Tensor] | None = None,
     tokenizer: Any = None,
     labels: list[str] | None = None,
     run_dir: Path | None = None,
@@ -433,6 +440,8 @@ def start_engine(
             run_dir=run_dir,
         )
         module = objectives.Objective(model, context.task, terms, context)
+        if term_weights:  # the previous phase's DANN classifier, task heads, ...
+            objectives.load_term_state(module, term_weights)
         # (a multi-task head shares the model's backbone: its parameters are grouped once)
         grouped = {id(p) for g in groups for p in g["params"]}
         extra = [p for p in module.terms.parameters() if p.requires_grad and id(p) not in grouped]
@@ -465,10 +474,10 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
     """This phase's engine (``run.current``): from the model as built (first phase),
     else from the previous phase's weights, the previous engine torn down first."""
     cfg = run.cfg
-    model, weights, freed = run.model, None, None
+    model, weights, term_weights, freed = run.model, None, None, None
     if run.current is not None:
         previous, run.current = run.current, None
-        weights = full_weights(previous.engine)
+        weights, term_weights = full_weights(previous.engine)
         before = live_tensor_bytes()
         previous.engine.destroy()
         del previous
@@ -486,11 +495,12 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         task=run.task,
         pretrained=partial(_pretrained_weights, run),
         weights=weights,
+        term_weights=term_weights,
         tokenizer=run.tokenizer,
         labels=run.dataset.labels,
         run_dir=run.run_dir,
     )
-    del weights
+    del weights, term_weights
     run.model = None  # type: ignore[assignment]  # the engine owns it now
     run.current = current
     lrs = dict(zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True))
@@ -548,15 +558,24 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
         run.log.log({"event": "phase", **record, "freed_bytes": freed, "optimizer": "reset"})
 
 
-def full_weights(engine: Any) -> dict[str, torch.Tensor]:
-    """The bare model's whole state dict on every rank (gathered under ZeRO-3)."""
+def full_weights(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The bare model's whole state dict and the loss terms' own trained parameters
+    (``objectives.trained_term_state``), on every rank (gathered under ZeRO-3)."""
     module = objectives.unwrap(engine.module)
+
+    def copies() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        return weights, objectives.trained_term_state(engine.module)
+
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            return {k: v.detach().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        # the model and the terms' trained parameters (a frozen teacher stays partitioned)
+        wanted = {id(p): p for p in module.parameters()}
+        wanted.update({id(p): p for p in engine.module.parameters() if p.requires_grad})
+        with deepspeed.zero.GatheredParameters(list(wanted.values())):
+            return copies()
+    return copies()
 
 
 def _fresh_model(run: Run) -> torch.nn.Module:
@@ -601,7 +620,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
             micro_batch_size=train.micro_batch_size,
             pad_id=run.tokenizer.pad_token_id,
             start_micro_step=state.micro_step,
-            collate_fn=stream.term.collate,
+            collate_fn=stream.collate,
         )
         for i, stream in enumerate(run.streams)
     }
@@ -721,12 +740,11 @@ def _task_scores(run: Run, engine: Any, main_accuracy: float) -> dict[str, Any]:
     and the others, and ``eval_accuracy/mean`` over the run's task and these."""
     if not run.task_evals:
         return {}
-    head = tasks.TASKS["sequence_classification"]
     scores: dict[str, Any] = {}
     accuracies = []
-    for (term, name), batches in run.task_evals.items():
+    for (term, name), (kind, batches) in run.task_evals.items():
         route = partial(engine, **{objectives.multitask.ROUTE: (term, name)})
-        for key, value in evaluate(route, batches, task=head).items():
+        for key, value in evaluate(route, batches, task=kind).items():
             scores[f"{key}/{name}"] = value
         accuracies.append(scores[f"eval_accuracy/{name}"])
     scores["eval_accuracy/mean"] = (main_accuracy + sum(accuracies)) / (1 + len(accuracies))

@@ -22,7 +22,16 @@ from conf.schema import ConfigError, DataConfig
 from jobs.data import files, stdlib_docs, wordnet
 from jobs.tasks.common import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "Dataset", "collate", "encode", "eval_batches", "load", "train_batches"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Dataset",
+    "collate",
+    "encode",
+    "eval_batches",
+    "load",
+    "normalise",
+    "train_batches",
+]
 
 Collate = Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]]
 
@@ -47,7 +56,7 @@ def _read(cfg: DataConfig, fields: tuple[str, ...]) -> list[dict[str, str]]:
     return wordnet.instruction_examples(cfg.path)
 
 
-def _normalise(records: list[dict[str, str]], cfg: DataConfig) -> list[dict[str, str]]:
+def normalise(records: list[dict[str, str]], cfg: DataConfig) -> list[dict[str, str]]:
     """Builtin sources use text/label/prompt/response; map the configured field names."""
     names = {
         cfg.text_field: "text",
@@ -70,9 +79,9 @@ def load(cfg: DataConfig, task: Any = None) -> Dataset:
     fields = task.fields(cfg)
     records = _read(cfg, fields)
     if cfg.source == "file":
-        records = _normalise(records, cfg)
+        records = normalise(records, cfg)
     given = {
-        split: _normalise(files.read(path, cfg, fields, key=f"data.{split}_path"), cfg)
+        split: normalise(files.read(path, cfg, fields, key=f"data.{split}_path"), cfg)
         for split, path in (("eval", cfg.eval_path), ("test", cfg.test_path))
         if path is not None
     }
@@ -117,7 +126,7 @@ def read_extra(
     config to encode them with."""
     if Path(path).suffix.lower() == ".txt" and "text" in _TEXT_TASKS.get(cfg.task, ()):
         cfg = dataclasses.replace(cfg, task="text")
-    records = _normalise(files.read(path, cfg, task.fields(cfg), key=key), cfg)
+    records = normalise(files.read(path, cfg, task.fields(cfg), key=key), cfg)
     if labels is not None:
         unknown = sorted({r["label"] for r in records} - set(labels))
         if unknown:

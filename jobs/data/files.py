@@ -25,8 +25,28 @@ def _check_record(
     return {f: str(record[f]) for f in fields}
 
 
+# (field, value): read only the rows whose field has that value.
+Select = tuple[str, str] | None
+
+
+def _selected(record: object, where: str, select: Select, key: str) -> bool:
+    """Whether a record is one of the selected rows (``select`` = (field, value), e.g. a
+    multi-task file's task field); every record must have the field."""
+    if select is None or not isinstance(record, dict):
+        return True
+    field, value = select
+    if record.get(field) in (None, ""):
+        raise ConfigError(key, f"{where}: missing field {field!r}; the record has {sorted(record)}")
+    return str(record[field]) == value
+
+
 def read_jsonl(
-    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
+    path: Path,
+    cfg: DataConfig,
+    fields: tuple[str, ...],
+    key: str,
+    forbid: tuple[str, ...] = (),
+    select: Select = None,
 ) -> list[dict[str, str]]:
     records = []
     with path.open(encoding="utf-8") as f:
@@ -37,29 +57,46 @@ def read_jsonl(
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(key, f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            records.append(_check_record(record, f"{path}:{lineno}", fields, key, forbid))
+            where = f"{path}:{lineno}"
+            if _selected(record, where, select, key):
+                records.append(_check_record(record, where, fields, key, forbid))
     return records
 
 
 def read_csv(
-    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
+    path: Path,
+    cfg: DataConfig,
+    fields: tuple[str, ...],
+    key: str,
+    forbid: tuple[str, ...] = (),
+    select: Select = None,
 ) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not set(fields) <= set(reader.fieldnames):
+        columns = list(fields) + ([select[0]] if select else [])
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
             raise ConfigError(
                 key,
-                f"{path}:1: header must name columns {list(fields)}, got {reader.fieldnames}",
+                f"{path}:1: header must name columns {columns}, got {reader.fieldnames}",
             )
         # Line numbers count the header as line 1.
         return [
-            _check_record(row, f"{path}:{reader.line_num}", fields, key, forbid) for row in reader
+            _check_record(row, f"{path}:{reader.line_num}", fields, key, forbid)
+            for row in reader
+            if _selected(row, f"{path}:{reader.line_num}", select, key)
         ]
 
 
 def read_text(
-    path: Path, cfg: DataConfig, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
+    path: Path,
+    cfg: DataConfig,
+    fields: tuple[str, ...],
+    key: str,
+    forbid: tuple[str, ...] = (),
+    select: Select = None,
 ) -> list[dict[str, str]]:
+    if select is not None:
+        raise ConfigError(key, f"{path}: a .txt file has no {select[0]!r} field; use JSONL or CSV")
     if fields != (cfg.text_field,):
         raise ConfigError(key, f"{path}: a .txt file holds plain text; it needs data.task=text")
     # Paragraphs; encoding later packs them into max_length blocks.
@@ -77,10 +114,12 @@ def read(
     *,
     key: str = "data.path",
     forbid: tuple[str, ...] = (),
+    select: Select = None,
 ) -> list[dict[str, str]]:
     """The records of one file (``key`` is the config key that named it, for errors);
     ``fields`` are the ones the task needs, ``forbid`` ones a record must not have (an
-    unlabelled file's label)."""
+    unlabelled file's label); with ``select=(field, value)`` only the rows whose field
+    has that value (the others need not have the task's fields)."""
     path = Path(name).expanduser()
     if not path.is_file():
         raise ConfigError(key, f"{name} does not exist or is not a file")
@@ -89,7 +128,8 @@ def read(
         raise ConfigError(
             key, f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}"
         )
-    records = reader(path, cfg, fields, key, forbid)
+    records = reader(path, cfg, fields, key, forbid, select)
     if not records:
-        raise ConfigError(key, f"{path} holds no examples")
+        which = f" with {select[0]}={select[1]!r}" if select else ""
+        raise ConfigError(key, f"{path} holds no examples{which}")
     return records

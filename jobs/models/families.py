@@ -27,6 +27,8 @@ class Family:
     lora_targets: tuple[str, ...]
     # HF config attribute(s) whose sum is the number of blocks.
     num_blocks_attrs: tuple[str, ...] = ("num_hidden_layers",)
+    # A decoder: the family has a causal LM form (an LM head can predict the next token).
+    causal_lm: bool = False
 
     def num_blocks(self, hf_config: Any) -> int:
         return sum(int(getattr(hf_config, attr)) for attr in self.num_blocks_attrs)
@@ -37,6 +39,7 @@ _DECODER = Family(
     embeddings=("model.embed_tokens",),
     heads=("lm_head", "score"),
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    causal_lm=True,
 )
 
 

@@ -139,6 +139,32 @@ class Objective(nn.Module):
         return outputs
 
 
+def trained_term_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The terms' own trained parameters (a DANN classifier, the task heads), copied, by
+    name under ``terms``: what a new phase's ``Objective`` must start from. Parameters a
+    term shares with the model (a task head's backbone) travel with the model's weights;
+    frozen ones (a teacher, L2-SP's reference) are rebuilt as they were."""
+    if not isinstance(objective, Objective):
+        return {}
+    shared = {id(p) for p in objective.model.parameters()}
+    return {
+        name: p.detach().clone()
+        for name, p in objective.terms.named_parameters()
+        if p.requires_grad and id(p) not in shared
+    }
+
+
+def load_term_state(objective: Objective, state: dict[str, torch.Tensor]) -> None:
+    """``trained_term_state``'s copy into a new (not yet partitioned) ``Objective``."""
+    own = dict(objective.terms.named_parameters())
+    missing = sorted(set(state) - set(own))
+    if missing:
+        raise RuntimeError(f"the loss terms lost parameters between phases: {missing}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The model inside an ``Objective`` (the module itself otherwise)."""
     return module.model if isinstance(module, Objective) else module
