@@ -50,7 +50,8 @@ def export(
         )
         plain = merged.state_dict() if merged is not None else {}
     else:
-        module.save_pretrained(export_dir, state_dict=state_dict)
+        # (transformers empties the dict it is given as it writes: hand it a copy)
+        module.save_pretrained(export_dir, state_dict=dict(state_dict))
         tokenizer.save_pretrained(export_dir)
     for sub in ("adapter", "merged", "base"):
         if (export_dir / sub).is_dir():

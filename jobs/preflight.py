@@ -124,9 +124,11 @@ def _check_objectives(cfg: FinetuneConfig, labels: list[str] | None) -> None:
 def _check_multitask(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> None:
     """The args, each task's rows read and split as the workers will, and LM heads only
     on families that have a causal LM."""
+    from jobs.models import build_tokenizer
     from jobs.objectives import multitask
 
     multitask.check_args(index, args)
+    tokenizer = None
     config = hf_config(cfg.model)
     family = Layout.of(config).family
     fraction = float(args.get("eval_fraction", 0.2))
@@ -140,17 +142,22 @@ def _check_multitask(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> N
                 f"{config.model_type} is an encoder; allowed here: classification",
             )
         key = f"objectives[{index}].args.path" if spec.shared else f"{where}.path"
-        train, _, _ = multitask.read_task(
+        train, _, labels = multitask.read_task(
             spec,
             cfg.data,
             key=key,
             eval_fraction=fraction,
             task_field=str(args.get("task_field", "task")),
         )
-        if len(train) < world * micro:
+        count = len(train)
+        if spec.head == "lm":  # what trains is the encoded examples (packed text blocks)
+            if tokenizer is None:
+                tokenizer = build_tokenizer(cfg.model)
+            count = len(spec.kind.encode(train, tokenizer, spec.data(cfg.data), labels))
+        if count < world * micro:
             raise ConfigError(
                 key,
-                f"{len(train)} training examples of task {name} over {world} workers do not "
+                f"{count} training examples of task {name} over {world} workers do not "
                 f"fill one micro batch of {micro}",
             )
 

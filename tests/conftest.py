@@ -121,7 +121,20 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "text.txt").write_text(
         "\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3
     )
+    write_prose(root / "prose.txt")
     return root
+
+
+def write_prose(path: Path, n: int = 160, seed: int = 4) -> Path:
+    """Plain text for a language-model task: short sentences about the fruits' colors."""
+    rng = random.Random(seed)
+    fruits = sorted(COLORS)
+    lines = []
+    for _ in range(n):
+        fruit = rng.choice(fruits)
+        lines.append(f"a {fruit} is {COLORS[fruit]} when it is ripe.")
+    path.write_text("\n\n".join(lines))
+    return path
 
 
 def write_teacher(
