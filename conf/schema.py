@@ -568,6 +568,29 @@ class FinetuneConfig:
     # Set by `graft sweep` (conf/sweep.yaml); None for a single fine-tuning run.
     sweep: SweepConfig | None = None
 
+    def _check_task_metric(self, index: int, metric: str) -> None:
+        """A per-task sweep objective names an extra task (or mean) that has the metric."""
+        kind, task = metric.split("/", 1)
+        heads = {}  # task -> head, of every multitask term
+        for term in self.objectives:
+            if term.name == "multitask" and isinstance(term.args.get("tasks"), dict):
+                for name, spec in term.args["tasks"].items():
+                    heads[str(name)] = (spec or {}).get("head", "classification")
+        key = f"sweep.objectives[{index}].metric"
+        if not heads:
+            raise ConfigError(key, f"{metric} is a multi-task metric: add the multitask term")
+        if task == "mean":
+            if kind != "eval_accuracy":
+                raise ConfigError(key, f"the mean over tasks is eval_accuracy/mean, got {metric}")
+            return
+        if task not in heads:
+            raise ConfigError(
+                key, f"{task!r} is not a task of multitask; its tasks: {sorted(heads)}"
+            )
+        only = {"eval_perplexity": "lm", "eval_macro_f1": "classification"}.get(kind)
+        if only is not None and heads[task] != only:
+            raise ConfigError(key, f"{metric}: task {task} has a {heads[task]} head, not {only}")
+
     def check(self) -> None:
         for group in (
             self.model,
@@ -589,6 +612,8 @@ class FinetuneConfig:
                         f"{objective.metric} comes from the forgetting probe: set "
                         "eval.source_path to the source task's data",
                     )
+                if PER_TASK_METRIC.fullmatch(objective.metric):
+                    self._check_task_metric(i, objective.metric)
         names = []
         for i, term in enumerate(self.objectives):
             _one_of(f"objectives[{i}].name", term.name, TERMS)

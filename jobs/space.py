@@ -47,7 +47,17 @@ def _term_path(cfg: FinetuneConfig, key: str) -> str:
             "key",
             f"{key!r}: a loss term's knobs are objectives.{name}.weight or objectives.{name}.args.<arg>",
         )
-    return ".".join(["objectives", str(names.index(name)), *rest])
+    index = names.index(name)
+    # A nested arg (a task's weight) must be inside what the term already has: the
+    # trial would otherwise add, say, a task that has no data.
+    node: Any = cfg.objectives[index].args
+    for i, part in enumerate(rest[1:-1], start=1):
+        if not isinstance(node, dict) or part not in node:
+            where = ".".join(["objectives", name, *rest[:i]])
+            have = sorted(node) if isinstance(node, dict) else "a value"
+            raise ConfigError("key", f"{key!r}: {where} has no {part!r} (it has {have})")
+        node = node[part]
+    return ".".join(["objectives", str(index), *rest])
 
 
 def _check_key(key: str) -> None:

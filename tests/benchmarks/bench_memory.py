@@ -93,6 +93,40 @@ def paper(stage: int, params: int, world: int) -> int:
     return p + g + o
 
 
+def teacher_memory(steps: int) -> dict[str, Any]:
+    """Model states of a 5-block student with and without the 10-block teacher."""
+    from jobs.models import build
+
+    teacher_dir = Path(tempfile.mkdtemp(prefix="graft-teacher-"))
+    teacher, tokenizer = build(compose(MODEL).model)
+    teacher.save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    del teacher
+    student = [*MODEL, "model.arch.num_hidden_layers=5", "strategy=full"]
+    term = f"objectives=[{{name:distill,args:{{teacher:{teacher_dir},alpha:0.5}}}}]"
+    stages: dict[int, dict[str, Any]] = {}
+    for stage in (2, 3):
+        alone = [*student, f"deepspeed=zero{stage}"]
+        both = [*alone, term]
+        estimate = plan.estimate(compose(both), num_gpus=WORLD)
+        row = {
+            "student": probe(alone, steps)["model_states"],
+            "with_teacher": probe(both, steps)["model_states"],
+            "expected": 4 * teacher_params // (WORLD if stage == 3 else 1),
+            "plan": estimate.memory.terms,
+        }
+        row["teacher"] = row["with_teacher"] - row["student"]
+        stages[stage] = row
+        print(f"bench: distill ZeRO-{stage}: {row}", flush=True)
+    student_params = plan.estimate(compose([*student, "deepspeed=zero2"]), num_gpus=WORLD)
+    return {
+        "teacher_params": teacher_params,
+        "student_params": student_params.counts.total,
+        "stages": stages,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
@@ -133,12 +167,15 @@ def main() -> None:
         }
         print(f"bench: {name}: {lora_vs_full[name]}", flush=True)
 
+    distill = teacher_memory(args.steps)
+
     result = {
         "machine": "2 CPU cores, fp32, DeepSpeed over gloo",
         "world_size": WORLD,
         "model": MODEL,
         "zero": zero,
         "lora_vs_full": lora_vs_full,
+        "distill": distill,
     }
     (out / "memory.json").write_text(json.dumps(result, indent=1))
     params = zero[0]["params"]
@@ -170,6 +207,22 @@ def main() -> None:
         f"| lora / full | | {lora['tokens_per_s'] / full['tokens_per_s']:.2f} | "
         f"{lora['memory'] / full['memory']:.2f} | {lora['peak_rss'] / full['peak_rss']:.2f} |"
     )
+    lines += [
+        "",
+        f"Distillation: a frozen {distill['teacher_params'] / 1e6:.0f}M teacher beside a "
+        f"{distill['student_params'] / 1e6:.0f}M student, full fine-tuning, {WORLD} ranks, "
+        "per-rank model states",
+        "",
+        "| ZeRO stage | student alone (MiB) | with teacher (MiB) | teacher's share (MiB) | "
+        "4 B x teacher params (/ ranks at ZeRO-3) (MiB) | graft plan's teacher (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for stage, row in distill["stages"].items():
+        lines.append(
+            f"| {stage} | {row['student'] / MiB:,.0f} | {row['with_teacher'] / MiB:,.0f} | "
+            f"{row['teacher'] / MiB:,.0f} | {row['expected'] / MiB:,.0f} | "
+            f"{row['plan'] / MiB:,.0f} |"
+        )
     (out / "memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -387,3 +387,35 @@ def test_the_terms_trained_parameters_carry_into_the_next_phase(data_dir: Path) 
         assert torch.equal(own[name], value), name
     with pytest.raises(RuntimeError, match="lost parameters"):
         objectives.load_term_state(second, {"dann.nothing": torch.zeros(1)})
+
+
+def test_a_sweep_names_only_tasks_that_exist(data_dir: Path) -> None:
+    from conf.schema import ParamSpec
+    from jobs.sweep import check
+
+    colors = data_dir / "colors.jsonl"
+    term = f"objectives=[{{name:multitask,args:{{tasks:{{color:{{path:{colors}}}}}}}}}]"
+    cls = tiny_overrides(data_dir, task="classification")
+
+    def refused(metric: str, *extra: str) -> ConfigError:
+        with pytest.raises(ConfigError) as e:
+            compose(
+                [*cls, *extra, f"sweep.objectives=[{{metric:{metric},mode:max}}]"], "sweep"
+            ).check()
+        return e.value
+
+    unknown = refused("eval_accuracy/colour", term)
+    assert unknown.key == "sweep.objectives[0].metric" and "['color']" in str(unknown)
+    assert "lm head" not in str(refused("eval_perplexity/color", term))
+    assert "classification head, not lm" in str(refused("eval_perplexity/color", term))
+    assert "add the multitask term" in str(refused("eval_accuracy/mean"))
+    assert "eval_accuracy/mean" in str(refused("eval_loss/mean", term))
+
+    cfg = compose([*cls, term], "sweep")
+    assert cfg.sweep is not None
+    cfg.sweep.space["w"] = ParamSpec(
+        key="objectives.multitask.args.tasks.colour.weight", type="float", low=0.1, high=1.0
+    )
+    with pytest.raises(ConfigError) as e:
+        check(cfg)
+    assert "has no 'colour' (it has ['color'])" in str(e.value)
