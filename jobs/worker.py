@@ -210,6 +210,16 @@ class Run:
     task_evals: dict[tuple[str, str], tuple[Any, list[Any]]] = dataclasses.field(
         default_factory=dict
     )
+    final_eval: FinalEval | None = None
+
+
+@dataclasses.dataclass
+class FinalEval:
+    """The evaluation at a run's last step, with what ``finish`` reports of it."""
+
+    step: int
+    scores: dict[str, Any]  # with eval_confusion
+    examples: list[torch.Tensor]  # per-example sums (validation; [] with a test split)
 
 
 @dataclasses.dataclass
@@ -658,7 +668,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         save = state.step % train.checkpoint_every == 0 or end_of_phase
         if state.step % train.eval_every == 0 or end_of_phase:
             engine.eval()
-            record.update(_evaluate(run, current))
+            record.update(_evaluate(run, current, final_step=state.step if last else None))
             engine.train()
             value = record[early.metric]
             if _improved(value, state.best, mode=early.mode, min_delta=early.min_delta):
@@ -726,12 +736,27 @@ class _Window:
         return record
 
 
-def _evaluate(run: Run, current: PhaseEngine) -> dict[str, Any]:
-    """The validation split, and the terms' extra sets (DANN's labelled target data)."""
-    scores = evaluate(current.engine, run.eval_batches, task=run.task)
+def _evaluate(run: Run, current: PhaseEngine, *, final_step: int | None = None) -> dict[str, Any]:
+    """The validation split, and the terms' extra sets (DANN's labelled target data).
+    At the run's last step (``final_step``) also what ``finish`` reports of the same
+    weights (the confusion matrix, the per-example sums), kept in ``run.final_eval`` so
+    that ``finish`` does not evaluate them again."""
+    final = final_step is not None
+    examples: list[torch.Tensor] = []
+    scores = evaluate(
+        current.engine,
+        run.eval_batches,
+        task=run.task,
+        confusion=final,
+        per_example=examples if final and not run.test_batches else None,
+    )
     for prefix, batches in run.extra_evals.items():
         scores.update(evaluate(current.engine, batches, task=run.task, prefix=prefix))
     scores.update(_task_scores(run, current.engine, scores["eval_accuracy"]))
+    if final:
+        assert final_step is not None
+        run.final_eval = FinalEval(final_step, dict(scores), examples)
+        scores.pop("eval_confusion", None)  # (reported at the end, not at every step)
     return scores
 
 
@@ -857,29 +882,35 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
     export, and the run's result reported to Ray."""
     cfg, engine = run.cfg, current.engine
     early = cfg.train.early_stopping
+    last = run.final_eval if run.final_eval and run.final_eval.step == state.step else None
     if early.enabled and state.best_step is not None and state.best_step != state.step:
         # (preflight keeps early stopping to one-phase strategies: the best checkpoint
         # was written by this engine)
         best_dir = run.run_dir / CHECKPOINTS / ckpt.dir_name(state.best_step)
         ckpt.load(engine, best_dir, rank=run.rank, world_size=run.world)
+        last = None
     engine.eval()
     # Each held-out example's own sums (the test split, else validation), for the
     # sweep's paired bootstrap of a difference between two runs.
     examples: list[torch.Tensor] = []
-    final: dict[str, Any] = {
-        **evaluate(
+    if last is not None:  # the last step's evaluation was of these weights
+        scores, examples = dict(last.scores), list(last.examples)
+    else:  # (a best checkpoint restored, or a rerun of a finished run)
+        scores = evaluate(
             engine,
             run.eval_batches,
             task=run.task,
             confusion=True,
             per_example=None if run.test_batches else examples,
-        ),
+        )
+        for prefix, batches in run.extra_evals.items():
+            scores.update(evaluate(engine, batches, task=run.task, prefix=prefix))
+        scores.update(_task_scores(run, engine, scores["eval_accuracy"]))
+    final: dict[str, Any] = {
+        **scores,
         "trainable_params": current.trainable,
         "train_time_s": state.train_time_s,
     }
-    for prefix, batches in run.extra_evals.items():
-        final.update(evaluate(engine, batches, task=run.task, prefix=prefix))
-    final.update(_task_scores(run, engine, final["eval_accuracy"]))
     if run.test_batches:
         final.update(
             evaluate(
