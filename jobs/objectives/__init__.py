@@ -8,7 +8,8 @@ A term is one file here and one line in ``TERMS``. It may
 - ``attach`` modules or hooks to the model before DeepSpeed starts, so that ZeRO
   partitions what it adds along with the model (a reference copy, a domain classifier,
   a second task's head); modules it returns are trained and checkpointed with the model
-  and left out of the export;
+  and left out of the export (``trains_module = True`` on a term whose module trains:
+  ``graft plan`` counts it with the trainable parameters);
 - ``prepare`` a batch (add a second data stream's batch, a teacher's logits);
 - scale the task loss by its ``task_scale`` (distillation's alpha; 1 when absent);
 - give its ``value`` for a batch, after the model's forward, logged by name, and more

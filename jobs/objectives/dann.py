@@ -105,6 +105,8 @@ def read_target_eval(
 
 
 class DANN:
+    trains_module = True  # (jobs.plan counts its module as trainable parameters)
+
     def __init__(self, cfg: TermConfig) -> None:
         self.name = cfg.name
         self.weight = cfg.weight

@@ -234,6 +234,8 @@ def task_head(model: nn.Module, spec: TaskSpec, labels: list[str] | None, seed: 
 
 
 class MultiTask:
+    trains_module = True  # (jobs.plan counts its module as trainable parameters)
+
     def __init__(self, cfg: TermConfig) -> None:
         args = dict(cfg.args)
         self.name = cfg.name

@@ -184,6 +184,30 @@ def term_parameters(cfg: FinetuneConfig, model: Any, layout: Any) -> int:
     return extra
 
 
+def term_modules(cfg: FinetuneConfig, model: Any, layout: Any) -> int:
+    """The trainable parameters the loss terms add (a DANN domain classifier, multi-task
+    heads; not what they share with the model), their modules built on the meta device
+    (a classification head with 2 labels: the label sets are not read here)."""
+    from jobs import objectives
+
+    own = [t for t in objectives.build(cfg.objectives) if getattr(t, "trains_module", False)]
+    if not own:
+        return 0
+    context = objectives.Context(
+        layout=layout,
+        task=tasks.get(cfg.model),
+        zero_stage=cfg.deepspeed.stage,
+        pretrained=lambda: {},
+    )
+    shared = {id(p) for p in model.parameters()}
+    count = 0
+    with torch.device("meta"):
+        for term in own:
+            module = term.attach(model, context)
+            count += sum(p.numel() for p in module.parameters() if id(p) not in shared)
+    return count
+
+
 def _teacher_parameters(cfg: FinetuneConfig, teacher: str) -> int:
     from transformers import AutoConfig
 
@@ -207,8 +231,10 @@ def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Acti
     model, layout, blocks = _meta_model(cfg)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     model = strategies.apply(model, cfg.strategy, layout)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # The terms' own modules train with the model (gradients, optimizer states).
+    added = term_modules(cfg, model, layout)
+    total = sum(p.numel() for p in model.parameters()) + added
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + added
     config: Any = model.config
     counts = Counts(
         total=total,

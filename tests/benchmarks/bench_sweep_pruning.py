@@ -120,20 +120,21 @@ def main() -> None:
         f"sweep.num_trials={args.trials}",
         f"sweep.max_concurrent={args.concurrent}",
         "sweep.baseline=none",
+        # (the best trial's retrain is the same full run under every scheduler: left out)
+        "sweep.retrain_best=false",
         f"run.output_dir={out / 'sweeps'}",
     ]
     points = _points(base, args.trials, seed=7)
     base.append(f"sweep.enqueue={_hydra_list(points)}")
     import ray
 
-    # 2 trials of one evaluation each, no retrain: imports, data and weights warm.
+    # 2 trials of one evaluation each (no retrain): imports, data and weights warm.
     warm = [o for o in base if not o.startswith(("sweep.num_trials", "sweep.enqueue"))]
     _measure(
         warm
         + [
             "sweep.num_trials=2",
             "sweep.max_t=1",
-            "sweep.retrain_best=false",
             "sweep.scheduler=none",
         ],
         f"bench-pruning-warmup-{int(time.time())}",

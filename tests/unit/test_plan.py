@@ -295,3 +295,42 @@ def test_loss_terms_frozen_parameters_are_planned(data_dir, tmp_path) -> None:  
     planned = _plan([*cls, distill])
     assert planned.counts.term_params == size and planned.memory.terms == 4 * size
     assert planned.memory.total == _plan(cls).memory.total + 4 * size
+
+
+def test_loss_terms_trained_modules_count_as_trainable(data_dir) -> None:  # type: ignore[no-untyped-def]
+    """A DANN classifier and multi-task heads train with the model (gradients, Adam
+    states): the plan counts them as the real Objective does, shared backbone once."""
+    from conf.schema import TermConfig
+    from jobs import objectives, tasks
+    from tests.conftest import tiny_overrides
+
+    colors, prose, target = (
+        data_dir / "colors.jsonl",
+        data_dir / "prose.txt",
+        data_dir / "target.jsonl",
+    )
+    terms = (
+        f"objectives=[{{name:multitask,args:{{tasks:{{color:{{path:{colors}}},"
+        f"prose:{{path:{prose},head:lm}}}}}}}},{{name:dann,args:{{target_path:{target}}}}}]"
+    )
+    llm = [*tiny_overrides(data_dir), "deepspeed=zero2"]
+    cfg = compose([*llm, terms])
+    model, tokenizer = build(cfg.model)
+    context = objectives.Context(
+        layout=Layout.of(model.config),
+        task=tasks.get(cfg.model),
+        zero_stage=2,
+        pretrained=dict,
+        tokenizer=tokenizer,
+        data=cfg.data,
+    )
+    built = objectives.build([TermConfig(name=t.name, args=t.args) for t in cfg.objectives])
+    real = objectives.Objective(model, context.task, built, context)
+    unique = {id(p): p for p in real.parameters()}
+    # (the plan gives a classification head 2 labels; colors has 6: 4 x 64 fewer weights)
+    expected = sum(p.numel() for p in unique.values()) - 4 * 64
+    planned, plain = _plan([*llm, terms]), _plan(llm)
+    assert planned.counts.trainable == planned.counts.total == expected
+    added = expected - plain.counts.trainable
+    assert added > 64 * 200  # the LM head's own copy is most of it
+    assert planned.memory.optimizer > plain.memory.optimizer
