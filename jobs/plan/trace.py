@@ -203,8 +203,8 @@ def term_modules(cfg: FinetuneConfig, model: Any, layout: Any) -> int:
     count = 0
     with torch.device("meta"):
         for term in own:
-            module = term.attach(model, context)
-            count += sum(p.numel() for p in module.parameters() if id(p) not in shared)
+            module: Any = term.attach(model, context)
+            count += sum(int(p.numel()) for p in module.parameters() if id(p) not in shared)
     return count
 
 
