@@ -40,8 +40,9 @@ class TrialRow:
     stopped_at_eval: int | None
     run_dir: str | None
     retry_of: int | None
-    # What the forgetting probe (eval.source_path) measured, for a finished trial.
-    forgotten: float | None = None
+    # From a finished trial's end record, shown beside the objectives: the forgetting
+    # probe's ``forgotten`` (eval.source_path), a multi-task run's per-task accuracies.
+    extras: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def load_config(sweep_dir: Path) -> FinetuneConfig:
@@ -72,22 +73,26 @@ def _rows(study: Any) -> list[TrialRow]:
                 stopped_at_eval=t.user_attrs.get("stopped_at_eval"),
                 run_dir=t.user_attrs.get("run_dir"),
                 retry_of=int(history[0]) if history else None,
-                forgotten=_forgotten(t.user_attrs.get("run_dir")),
+                extras=_extras(t.user_attrs.get("run_dir")),
             )
         )
     return rows
 
 
-def _forgotten(run_dir: str | None) -> float | None:
-    """The end record's ``forgotten`` (accuracy before - after on the source data)."""
+def _extras(run_dir: str | None) -> dict[str, float]:
+    """The end record's ``forgotten`` (accuracy before - after on the source data) and
+    ``eval_accuracy/<task>`` (multi-task), where the trial has them."""
     from jobs import runlog
 
     if not run_dir or not (Path(run_dir) / runlog.METRICS).is_file():
-        return None
+        return {}
     records = runlog.read(Path(run_dir))
     end: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "end"), {})
-    value = end.get("forgotten")
-    return float(value) if isinstance(value, (int, float)) else None
+    return {
+        k: float(v)
+        for k, v in end.items()
+        if (k == "forgotten" or k.startswith("eval_accuracy/")) and isinstance(v, (int, float))
+    }
 
 
 # --------------------------------------------------------------------------- plots
@@ -401,22 +406,22 @@ def rung_counts(meta: dict[str, Any], rows: list[TrialRow]) -> list[list[Any]]:
     return table
 
 
-def _shows_forgetting(rows: list[TrialRow], objectives: list[dict[str, str]]) -> bool:
-    """A forgotten column beside the objectives (unless it is one of them)."""
-    return any(r.forgotten is not None for r in rows) and not any(
-        o["metric"] == "forgotten" for o in objectives
-    )
+def _extra_columns(rows: list[TrialRow], objectives: list[dict[str, str]]) -> list[str]:
+    """The end-record columns some trial has (forgotten, per-task accuracies; the mean
+    last), unless they are objectives already."""
+    metrics = {o["metric"] for o in objectives}
+    names = {k for r in rows for k in r.extras} - metrics
+    return sorted(names, key=lambda k: (k != "forgotten", k.endswith("/mean"), k))
 
 
 def _table_header(
-    objectives: list[dict[str, str]], params: list[str], forgotten: bool = False
+    objectives: list[dict[str, str]], params: list[str], extras: list[str] | None = None
 ) -> list[str]:
-    extra = ["forgotten"] if forgotten else []
     return [
         "trial",
         "state",
         *[o["metric"] for o in objectives],
-        *extra,
+        *(extras or []),
         *params,
         "stopped at eval",
     ]
@@ -426,11 +431,10 @@ def _table_rows(
     rows: list[TrialRow], objectives: list[dict[str, str]], params: list[str], front: set[int]
 ) -> list[list[str]]:
     table = []
-    forgotten = _shows_forgetting(rows, objectives)
+    extras = _extra_columns(rows, objectives)
     for r in rows:
         values: list[float | None] = [None] * len(objectives) if r.values is None else [*r.values]
-        if forgotten:
-            values.append(r.forgotten)
+        values += [r.extras.get(k) for k in extras]
         number = (
             f"{r.number}"
             + (" (Pareto)" if r.number in front else "")
@@ -517,7 +521,7 @@ def _markdown(
             *["| " + " | ".join(map(str, row)) + " |" for row in rung_rows],
         ]
     lines += ["", "## Trials", ""]
-    header = _table_header(objectives, params, _shows_forgetting(rows, objectives))
+    header = _table_header(objectives, params, _extra_columns(rows, objectives))
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _table_rows(rows, objectives, params, front)]
     lines += ["", "## Plots", ""]
@@ -563,7 +567,7 @@ def _html(
             )
     if verdict:
         parts.append(f"<p class='{'neg' if 'NEGATIVE' in verdict else ''}'>{e(verdict)}</p>")
-    header = _table_header(objectives, params, _shows_forgetting(rows, objectives))
+    header = _table_header(objectives, params, _extra_columns(rows, objectives))
     parts.append(
         "<h2>Trials</h2><table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
     )

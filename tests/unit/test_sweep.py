@@ -323,7 +323,13 @@ def _fake_sweep(data_dir: Path, tmp_path: Path, objectives: str) -> Path:
         if i in (0, 1):  # finished with the forgetting probe on (eval.source_path)
             run_dir = sweep_dir / "trials" / str(i)
             run_dir.mkdir(parents=True)
-            end = {"event": "end", "step": 12, "forgotten": 0.125 * (i + 1)}
+            end = {
+                "event": "end",
+                "step": 12,
+                "forgotten": 0.125 * (i + 1),
+                "eval_accuracy/topic": 0.5 + 0.25 * i,  # (a multi-task run's)
+                "eval_accuracy/mean": 0.625,
+            }
             (run_dir / "metrics.jsonl").write_text(json.dumps(end) + "\n")
             trial.set_user_attr("run_dir", str(run_dir))
         if i == 2:
@@ -372,8 +378,11 @@ def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> N
     assert "| 2 | pruned |" in md and "| 5 | fail |" in md
     # The forgetting probe's measure beside the objective, where the trials have it.
     assert "| forgotten |" in md and "<th>forgotten</th>" in page
+    # and a multi-task run's per-task accuracies, the mean last
+    header = next(line for line in md.splitlines() if line.startswith("| trial"))
+    assert "| forgotten | eval_accuracy/topic | eval_accuracy/mean |" in header
     row = next(line for line in md.splitlines() if line.startswith("| 1 "))
-    assert "| 0.25 |" in row
+    assert "| 0.25 | 0.75 | 0.625 |" in row
     for name in ("history", "curves", "slices", "importances", "baselines"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
