@@ -253,10 +253,6 @@ class MultiTask:
         self._chosen: dict[str, dict[str, torch.Tensor]] = {}
         self.metrics: dict[str, torch.Tensor] = {}
 
-    @property
-    def paths(self) -> dict[str, str]:
-        return {name: spec.path for name, spec in self.specs.items()}
-
     # -- data: a stream per task, and each task's evaluation ---------------------------
     def read(self, task: str, data: Any, key: str | None = None) -> tuple[list, list, Any]:
         """The task's (train, eval) records and labels."""

@@ -27,15 +27,7 @@ LABELS = ["neg", "pos"]
 def _wrapped(data_dir: Path, **args: Any) -> Any:
     cfg = compose(tiny_overrides(data_dir, task="classification"))
     model, tokenizer = build(cfg.model, labels=LABELS)
-    context = objectives.Context(
-        layout=Layout.of(model.config),
-        task=tasks.get(cfg.model),
-        zero_stage=0,
-        pretrained=lambda: {},
-        tokenizer=tokenizer,
-        labels=LABELS,
-        data=cfg.data,
-    )
+    context = _context(cfg, model, tokenizer, LABELS)
     term_cfg = TermConfig(
         name="multitask",
         args={"tasks": {"color": {"path": str(data_dir / "colors.jsonl"), "weight": 0.5}}, **args},
