@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from conf.schema import ConfigError, FinetuneConfig
+from conf.schema import ConfigError, FinetuneConfig, TermConfig
 from jobs import data as data_lib
 from jobs import strategies, tasks
 from jobs.models import Layout, hf_config, resolve_source
@@ -128,12 +128,12 @@ def _check_multitask(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> N
     from jobs.objectives import multitask
 
     multitask.check_args(index, args)
+    term = multitask.MultiTask(TermConfig(name="multitask", args=args))
     tokenizer = None
     config = hf_config(cfg.model)
     family = Layout.of(config).family
-    fraction = float(args.get("eval_fraction", 0.2))
     world, micro = cfg.scaling.num_workers, cfg.train.micro_batch_size
-    for name, spec in multitask.specs(args).items():
+    for name, spec in term.specs.items():
         where = f"objectives[{index}].args.tasks.{name}"
         if spec.head == "lm" and not family.causal_lm:
             raise ConfigError(
@@ -142,13 +142,7 @@ def _check_multitask(cfg: FinetuneConfig, index: int, args: dict[str, Any]) -> N
                 f"{config.model_type} is an encoder; allowed here: classification",
             )
         key = f"objectives[{index}].args.path" if spec.shared else f"{where}.path"
-        train, _, labels = multitask.read_task(
-            spec,
-            cfg.data,
-            key=key,
-            eval_fraction=fraction,
-            task_field=str(args.get("task_field", "task")),
-        )
+        train, _, labels = term.read(name, cfg.data, key=key)
         count = len(train)
         if spec.head == "lm":  # what trains is the encoded examples (packed text blocks)
             if tokenizer is None:

@@ -331,11 +331,11 @@ def setup(
     task_evals: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
     for t in (t for t in terms if hasattr(t, "task_streams")):
         for name, encoded in t.task_streams(cfg.data, tokenizer).items():
-            streams.append(Stream(f"{t.name}/{name}", encoded, t.task_collate(name)))
+            streams.append(Stream(f"{t.name}/{name}", encoded, t.task_kind(name).collate))
         for name, encoded in t.task_evals(cfg.data, tokenizer).items():
             task_evals[(t.name, name)] = (
                 t.task_kind(name),
-                shard(encoded, t.task_collate(name)),
+                shard(encoded, t.task_kind(name).collate),
             )
     digest = config_digest(cfg)
     if not _ranks_agree(digest):

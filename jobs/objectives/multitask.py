@@ -266,9 +266,6 @@ class MultiTask:
         """The jobs.tasks task that scores this task's head."""
         return self.specs[task].kind
 
-    def task_collate(self, task: str) -> Any:
-        return self.specs[task].kind.collate
-
     def task_streams(self, data: Any, tokenizer: Any) -> dict[str, list[dict[str, Any]]]:
         """Each task's encoded training examples (the worker streams them); the held-out
         parts are kept for ``task_evals``."""

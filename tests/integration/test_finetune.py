@@ -579,7 +579,6 @@ def test_multitask_lm_and_dann_heads_carry_over_progressive_phases_under_zero3(
 def _score_task_export(run_dir: Path, cfg: FinetuneConfig, task: str) -> float:
     """A multi-task export's task model, loaded with plain transformers, on the task's
     held-out part."""
-    from jobs import tasks
     from jobs.objectives import multitask
 
     term = next(t for t in cfg.objectives if t.name == "multitask")
@@ -602,6 +601,4 @@ def _score_task_export(run_dir: Path, cfg: FinetuneConfig, task: str) -> float:
         pad_id=tokenizer.pad_token_id,
         collate_fn=spec.kind.collate,
     )
-    return evaluate(model.eval(), batches, task=tasks.TASKS[multitask.HEADS[spec.head]])[
-        "eval_loss"
-    ]
+    return evaluate(model.eval(), batches, task=spec.kind)["eval_loss"]

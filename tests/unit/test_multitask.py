@@ -55,7 +55,7 @@ def test_each_task_has_a_head_on_the_shared_backbone_and_the_loss_adds_up(
         ),
         tokenizer.pad_token_id,
     )
-    color = term.task_collate("color")(streams["color"][:3], tokenizer.pad_token_id)
+    color = term.task_kind("color").collate(streams["color"][:3], tokenizer.pad_token_id)
     wrapped.train()
     out = wrapped(**main, **{"multitask/color": {**color, "progress": torch.tensor(0.0)}})
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_the_export_is_a_plain_model_per_task(data_dir: Path, tmp_path: Path) ->
     plain = AutoModelForSequenceClassification.from_pretrained(where).eval()
     assert json.loads((where / "labels.json").read_text()) == term.labels["color"]
     assert plain.config.id2label[0] == term.labels["color"][0]
-    color = term.task_collate("color")(streams["color"][:4], tokenizer.pad_token_id)
+    color = term.task_kind("color").collate(streams["color"][:4], tokenizer.pad_token_id)
     wrapped.eval()
     with torch.no_grad():
         expected = wrapped.terms["multitask"]["color"](
@@ -238,7 +238,7 @@ def test_an_lm_head_task_and_a_classification_task_on_a_decoder(
     assert prose.lm_head.weight is not model.lm_head.weight  # but its own
     batch = {
         f"multitask/{t}": {
-            **term.task_collate(t)(streams[t][:4], tokenizer.pad_token_id),
+            **term.task_kind(t).collate(streams[t][:4], tokenizer.pad_token_id),
             "progress": torch.tensor(0.0),
         }
         for t in ("color", "prose")
@@ -325,7 +325,7 @@ def test_task_heads_under_lora_share_the_adapters_and_export_merged(
         for name, p in head.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    color = term.task_collate("color")(streams["color"][:4], tokenizer.pad_token_id)
+    color = term.task_kind("color").collate(streams["color"][:4], tokenizer.pad_token_id)
     inputs = {"input_ids": color["input_ids"], "attention_mask": color["attention_mask"]}
     wrapped.eval()
     with torch.no_grad():
