@@ -178,12 +178,17 @@ def check_space(cfg: FinetuneConfig, *, num_blocks: int) -> dict[str, ParamSpec]
     sweep = cfg.sweep
     assert sweep is not None
     seen: dict[str, ParamSpec] = {}
-    keys: dict[str, str] = {}
+    keys: dict[str, list[str]] = {}
     for name, spec in sweep.space.items():
-        if spec.key in keys:
-            raise ConfigError(
-                f"sweep.space.{name}.key", f"{spec.key!r} is already set by {keys[spec.key]!r}"
-            )
+        # One key may have several parameters only under conditions no trial meets at
+        # once (an lr range per strategy): each trial still sets the key at most once.
+        for other in keys.get(spec.key, []):
+            if not _exclusive(spec, seen[other]):
+                raise ConfigError(
+                    f"sweep.space.{name}.key",
+                    f"{spec.key!r} is already set by {other!r}; two parameters may share a key "
+                    "only when their `when` conditions on the same parameter have no value in common",
+                )
         _check_param(name, spec, num_blocks, seen)
         if spec.key.startswith(TERM_KEY):
             try:
@@ -197,7 +202,8 @@ def check_space(cfg: FinetuneConfig, *, num_blocks: int) -> dict[str, ParamSpec]
                     f"{spec.high:g} steps between unfreezes is not below train.max_steps="
                     f"{cfg.train.max_steps}; allowed: up to {cfg.train.max_steps - 1}",
                 )
-        seen[name], keys[spec.key] = spec, name
+        seen[name] = spec
+        keys.setdefault(spec.key, []).append(name)
     for i, params in enumerate(sweep.enqueue):
         for name, value in params.items():
             if name not in seen:
@@ -207,7 +213,25 @@ def check_space(cfg: FinetuneConfig, *, num_blocks: int) -> dict[str, ParamSpec]
                 )
             if not _within(seen[name], value):
                 raise ConfigError(f"sweep.enqueue[{i}].{name}", f"{value!r} is outside its range")
+            when = seen[name].when or {}
+            if all(dep in params for dep in when) and not _applies(seen[name], params):
+                # The trial would silently ignore it (and sample the parameter that applies).
+                condition = ", ".join(f"{dep} in {list(allowed)}" for dep, allowed in when.items())
+                given = ", ".join(f"{dep}={params[dep]!r}" for dep in when)
+                raise ConfigError(
+                    f"sweep.enqueue[{i}].{name}",
+                    f"does not apply to this point ({given}): {name} is sampled only when {condition}",
+                )
     return seen
+
+
+def _exclusive(a: ParamSpec, b: ParamSpec) -> bool:
+    """True when no trial can meet both conditions: both name a parameter whose allowed
+    values do not overlap."""
+    wa, wb = a.when or {}, b.when or {}
+    return any(
+        not set(map(repr, wa[dep])) & set(map(repr, wb[dep])) for dep in wa.keys() & wb.keys()
+    )
 
 
 def _within(spec: ParamSpec, value: Any) -> bool:

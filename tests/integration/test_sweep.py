@@ -57,6 +57,9 @@ def _overrides(data_dir: Path, out: Path, *extra: str) -> list[str]:
         f"run.output_dir={out}",
         "sweep.space.lr.low=1e-3",
         "sweep.space.lr.high=3e-2",
+        "sweep.space.lr_light.low=1e-3",
+        "sweep.space.lr_light.high=3e-2",
+        "sweep.enqueue=[]",  # the shipped starting points are real-weights lrs
         "sweep.baseline=none",
         "sweep.objectives=[{metric:eval_loss,mode:min}]",
         *extra,
@@ -73,7 +76,7 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
 ) -> None:
     good = "{strategy:full,lr:0.01,lr_ratio:1.0}"
     also_good = "{strategy:freeze_depth,freeze_depth:4,lr:0.01,lr_ratio:0.8}"
-    bad = "{strategy:feature_extraction,lr:0.001}"  # a frozen random backbone barely learns
+    bad = "{strategy:feature_extraction,lr_light:0.001}"  # a frozen random backbone barely learns
     cfg = compose(
         _overrides(
             data_dir,
@@ -120,7 +123,7 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
         check=True,
     )
     rows = json.loads(listed.stdout)
-    assert len(rows) == 6 and all("lr" in r["params"] for r in rows)
+    assert len(rows) == 6 and all({"lr", "lr_light"} & set(r["params"]) for r in rows)
 
     # Two 1-worker trials ran side by side on the 2-CPU cluster (no nested deadlock):
     # the searcher handed out trial 1 before trial 0 finished. (Their training spans are
@@ -138,7 +141,8 @@ def test_sweep_prunes_persists_reports_and_the_best_config_reruns(
     # end where its best was) at the same budget; the gain is against the best of those,
     # and the per-example sums of the two runs reproduce it exactly (the bootstrap's basis).
     search = summary["baselines_search"]["scratch"]
-    lrs, grid = [r["lr"] for r in search], [best.params["lr"] * m for m in (1, 3, 10)]
+    best_lr = best.params.get("lr", best.params.get("lr_light"))  # one lr range per strategy kind
+    lrs, grid = [r["lr"] for r in search], [best_lr * m for m in (1, 3, 10)]
     assert lrs == sorted(lrs) and [lr for lr in lrs if grid[0] <= lr <= grid[-1]] == pytest.approx(
         grid
     )
@@ -428,7 +432,10 @@ def _slow_starter_sweep(data_dir: Path, tmp_path: Path, *extra: str) -> Any:
             "sweep.grace_period=1",
             "sweep.reduction_factor=2",
             "sweep.enqueue=["
-            + ",".join(f"{{strategy:{s},lr:{lr},lr_ratio:1.0}}" for s, lr in points)
+            + ",".join(
+                f"{{strategy:{s},{'lr_light' if s == 'lora' else 'lr'}:{lr},lr_ratio:1.0}}"
+                for s, lr in points
+            )
             + "]",
             *extra,
         ),

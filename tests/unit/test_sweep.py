@@ -55,6 +55,10 @@ def _cfg(data_dir: Path, *extra: str):  # type: ignore[no-untyped-def]
         ("sweep.space.lora_alpha.key=strategy.lora.r", "sweep.space.lora_alpha.key"),  # twice
         ("+sweep.enqueue=[{depth:2}]", "sweep.enqueue[0].depth"),
         ("+sweep.enqueue=[{lr:5.0}]", "sweep.enqueue[0].lr"),
+        # lr applies to block-training strategies only: LoRA's lr is lr_light
+        ("sweep.enqueue=[{strategy:lora,lr:1e-3}]", "sweep.enqueue[0].lr"),
+        # two parameters on train.lr whose conditions overlap (full)
+        ("sweep.space.lr_light.when={strategy:[lora,full]}", "sweep.space.lr_light.key"),
         ("sweep.max_t=4", "sweep.max_t"),  # a trial makes only 2 evaluations
         ("sweep.stratify_by=strategyy", "sweep.stratify_by"),  # not a parameter
         ("sweep.budget=11", "sweep.budget"),  # less than one 12-step trial
@@ -121,6 +125,7 @@ def test_default_sweep_composes_for_the_embedded_demo() -> None:
         "strategy",
         "freeze_depth",
         "lr",
+        "lr_light",
         "lr_ratio",
         "lora_rank",
         "lora_alpha",
@@ -129,6 +134,26 @@ def test_default_sweep_composes_for_the_embedded_demo() -> None:
     }
     assert cfg.sweep.space["lora_rank"].choices == [4, 8, 16, 32, 64]
     assert "progressive" in cfg.sweep.space["strategy"].choices
+
+
+def test_the_transfer_space_starts_from_each_strategys_usual_setting(data_dir: Path) -> None:
+    cfg = compose(tiny_overrides(data_dir, task="classification", model="tiny_bert"), "sweep")
+    space, _ = check(cfg)
+    assert cfg.sweep is not None
+    points = {p["strategy"]: p for p in cfg.sweep.enqueue}
+    assert set(points) == set(space["strategy"].choices or [])  # every strategy once
+    lrs = {}
+    for strategy, params in points.items():
+        trial_cfg = space_lib.apply(space_lib.trial_base(cfg), space, params)
+        assert trial_cfg.strategy.name == strategy
+        lrs[strategy] = trial_cfg.train.lr
+    assert lrs == {
+        "lora": 1e-3,
+        "feature_extraction": 1e-3,
+        "freeze_depth": 3e-4,
+        "progressive": 3e-4,
+        "full": 1e-4,
+    }
 
 
 def test_conditional_sampling_follows_the_strategy(data_dir: Path) -> None:
@@ -145,11 +170,15 @@ def test_conditional_sampling_follows_the_strategy(data_dir: Path) -> None:
         assert ("lora_rank" in params) == ("lora_alpha" in params) == (strategy == "lora")
         assert ("freeze_depth" in params) == (strategy == "freeze_depth")
         assert ("lr_ratio" in params) == (strategy != "feature_extraction")
-        assert 1e-5 <= params["lr"] <= 3e-3
+        # One lr range per kind of strategy: blocks train at a small lr, heads/adapters at a larger one.
+        light = strategy in ("feature_extraction", "lora")
+        assert ("lr_light" in params) == light and ("lr" in params) == (not light)
+        lr = params["lr_light"] if light else params["lr"]
+        assert (1e-4 <= lr <= 1e-2) if light else (1e-5 <= lr <= 1e-3)
         if "freeze_depth" in params:
             assert 1 <= params["freeze_depth"] <= blocks
         trial_cfg = space_lib.apply(space_lib.trial_base(cfg), space, params)
-        assert trial_cfg.strategy.name == strategy and trial_cfg.train.lr == params["lr"]
+        assert trial_cfg.strategy.name == strategy and trial_cfg.train.lr == lr
         assert trial_cfg.sweep is None and trial_cfg.run.export is False
         if strategy == "lora":
             assert trial_cfg.strategy.lora.r == params["lora_rank"]
