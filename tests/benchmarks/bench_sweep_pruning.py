@@ -77,6 +77,8 @@ def _measure(overrides: list[str], name: str) -> dict[str, object]:
     study = optuna.load_study(study_name=meta["study"], storage=meta["storage"])
     steps, states, startups = 0, {}, []
     for t in study.get_trials():
+        if "run_dir" not in t.user_attrs:  # enqueued, never started (over num_trials)
+            continue
         records = runlog.read(Path(t.user_attrs["run_dir"]))
         steps += max((r.get("step", 0) for r in records), default=0)
         states[t.state.name] = states.get(t.state.name, 0) + 1
@@ -108,6 +110,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--evals", type=int, default=3, help="evaluations per full trial (rungs)")
     parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument(
+        "--schedulers",
+        nargs="+",
+        choices=["asha", "stratified", "none"],
+        default=["asha", "stratified", "none"],
+        help="which variants to run (none, the reference, always runs)",
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -134,16 +143,22 @@ def main() -> None:
         warm
         + [
             "sweep.num_trials=2",
+            "sweep.enqueue=[]",
             "sweep.max_t=1",
             "sweep.scheduler=none",
         ],
         f"bench-pruning-warmup-{int(time.time())}",
     )
     results = {}
+    chosen = [*dict.fromkeys([*args.schedulers, "none"])]
     for label, scheduler in (
-        ("asha", "asha"),
-        ("stratified", "stratified"),
-        ("no pruning", "none"),
+        (label, scheduler)
+        for label, scheduler in (
+            ("asha", "asha"),
+            ("stratified", "stratified"),
+            ("no pruning", "none"),
+        )
+        if scheduler in chosen
     ):
         results[label] = _measure(
             base + [f"sweep.scheduler={scheduler}"], f"bench-pruning-{scheduler}-{int(time.time())}"
@@ -156,7 +171,8 @@ def main() -> None:
 
     savings = {
         label: {key: saved(label, key) for key in ("train_steps", "wall_s", "trials_wall_s")}
-        for label in ("asha", "stratified")
+        for label in results
+        if label != "no pruning"
     }
     record = {
         "setup": f"MiniLM on stdlib_docs, transfer space, {args.trials} enqueued trials x {args.steps} steps, "
@@ -164,8 +180,8 @@ def main() -> None:
         "points": points,
         "results": results,
         "saved_vs_no_pruning": savings,
-        "steps_saved_fraction": savings["asha"]["train_steps"],
-        "wall_saved_fraction": savings["asha"]["wall_s"],
+        "steps_saved_fraction": savings.get("asha", {}).get("train_steps"),
+        "wall_saved_fraction": savings.get("asha", {}).get("wall_s"),
     }
     (out / "sweep_pruning.json").write_text(json.dumps(record, indent=2, default=str))
     lines = [

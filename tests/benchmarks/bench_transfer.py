@@ -192,7 +192,12 @@ def linear_probe(data: list[str] = DATA) -> dict[str, Any]:
 
 
 def sweep_best(
-    steps: int, out: Path, data: list[str], name: str, keep: bool = False
+    steps: int,
+    out: Path,
+    data: list[str],
+    name: str,
+    keep: bool = False,
+    baseline: str = "scratch",
 ) -> dict[str, Any]:
     """`graft sweep` over the transfer space at a compute of 4 full runs: trials of half
     the steps (sweep.max_t) sharing a budget of 3 full runs (sweep.budget; pruning makes
@@ -219,7 +224,7 @@ def sweep_best(
                 f"sweep.budget={3 * steps}",
                 "sweep.num_trials=40",
                 "sweep.max_concurrent=1",
-                "sweep.baseline=scratch",
+                f"sweep.baseline={baseline}",
                 "scaling=local",
                 "run.export=false",
                 f"run.output_dir={out}",
@@ -343,6 +348,12 @@ def main() -> None:
         help="resume the sweep_best sweep in place (its finished trials, retrain and "
         "baseline runs are reused) instead of starting it afresh; its wall time adds up",
     )
+    parser.add_argument(
+        "--sweep-baseline",
+        choices=["scratch", "none"],
+        default="scratch",
+        help="the sweep's transfer baseline (scratch: its own lr search, 3-5 more full runs)",
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -384,7 +395,12 @@ def main() -> None:
     if not args.skip_sweep and wanted("sweep_best"):
         before = results.get("sweep_best", {}).get("wall_s", 0.0) if args.keep_sweep else 0.0
         results["sweep_best"] = sweep_best(
-            args.steps, work, data, f"{args.task}-sweep", keep=args.keep_sweep
+            args.steps,
+            work,
+            data,
+            f"{args.task}-sweep",
+            keep=args.keep_sweep,
+            baseline=args.sweep_baseline,
         )
         results["sweep_best"]["wall_s"] += before
         save()
