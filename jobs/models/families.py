@@ -8,7 +8,9 @@ architecture is one ``Family`` entry: T5 would list ``encoder.block`` and
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,13 @@ class Family:
     num_blocks_attrs: tuple[str, ...] = ("num_hidden_layers",)
     # A decoder: the family has a causal LM form (an LM head can predict the next token).
     causal_lm: bool = False
+    # When the block count is not a config attribute (a list of stages, repeats scaled
+    # by a depth multiplier): a function of the HF config.
+    count: Callable[[Any], int] | None = None
 
     def num_blocks(self, hf_config: Any) -> int:
+        if self.count is not None:
+            return self.count(hf_config)
         return sum(int(getattr(hf_config, attr)) for attr in self.num_blocks_attrs)
 
 
@@ -54,6 +61,47 @@ def _encoder(prefix: str) -> Family:
     )
 
 
+def _stages(config: Any) -> int:
+    return len(config.depths)
+
+
+def _efficientnet_blocks(config: Any) -> int:
+    # As transformers' EfficientNetEncoder builds them: each stage's repeats scaled up.
+    return sum(math.ceil(config.depth_coefficient * n) for n in config.num_block_repeats)
+
+
+# Vision backbones: a block is a transformer layer (ViT), a stage of residual blocks
+# (ResNet, ConvNeXt: 4 stages), or one MBConv block (EfficientNet). The final norm sits
+# above the blocks ("other": it trains with the top block's depth, as a decoder's does).
+_VIT = Family(
+    blocks=("vit.layers",),
+    embeddings=("vit.embeddings",),
+    heads=("classifier",),
+    lora_targets=("query", "key", "value"),
+)
+_RESNET = Family(
+    blocks=("resnet.encoder.stages",),
+    embeddings=("resnet.embedder",),
+    heads=("classifier",),
+    lora_targets=("convolution",),
+    count=_stages,
+)
+_CONVNEXT = Family(
+    blocks=("convnext.encoder.stages",),
+    embeddings=("convnext.embeddings",),
+    heads=("classifier",),
+    lora_targets=("pwconv1", "pwconv2"),
+    count=_stages,
+)
+_EFFICIENTNET = Family(
+    blocks=("efficientnet.encoder.blocks",),
+    embeddings=("efficientnet.embeddings",),
+    # The 1x1 convolution and norm after the last block feed only the pooled features.
+    heads=("classifier", "efficientnet.encoder.top_conv", "efficientnet.encoder.top_bn"),
+    lora_targets=("expand_conv", "project_conv"),
+    count=_efficientnet_blocks,
+)
+
 FAMILIES: dict[str, Family] = {
     "llama": _DECODER,
     "mistral": _DECODER,
@@ -61,6 +109,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3": _DECODER,
     "bert": _encoder("bert"),
     "roberta": _encoder("roberta"),
+    "vit": _VIT,
+    "resnet": _RESNET,
+    "convnext": _CONVNEXT,
+    "efficientnet": _EFFICIENTNET,
 }
 
 

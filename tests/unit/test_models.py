@@ -68,3 +68,49 @@ def test_decoder_parameters_are_placed_by_name(name: str, kind: str, block: int 
         )
     )
     assert layout.locate(name) == Location(kind, block)
+
+
+# Tiny vision configs (no vision weights ship offline; users give real ones by path).
+VISION = {
+    "vit": {
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+    "resnet": {"embedding_size": 8, "hidden_sizes": [8, 16, 16, 32], "depths": [1, 1, 2, 1]},
+    "convnext": {"hidden_sizes": [8, 16, 16, 32], "depths": [1, 1, 2, 1]},
+    "efficientnet": {"image_size": 32, "width_coefficient": 0.25, "depth_coefficient": 0.5},
+}
+# What sits above the blocks and is neither head nor embeddings: the final norm.
+_FINAL = {"vit": "vit.layernorm.", "convnext": "convnext.layernorm."}
+
+
+@pytest.mark.parametrize("model_type", sorted(VISION))
+def test_vision_parameters_are_placed_by_name(model_type: str) -> None:
+    """Every parameter of a tiny ViT / ResNet / ConvNeXt / EfficientNet classifier is a
+    block (index = its position in the block list), the stem, the head, or the final norm;
+    the block count matches the model's block list."""
+    from transformers import AutoModelForImageClassification
+
+    config = hf_config(ModelConfig(name="v", arch={"model_type": model_type, **VISION[model_type]}))
+    config.num_labels = 3
+    model = AutoModelForImageClassification.from_config(config)
+    layout = Layout.of(config)
+    (path,) = layout.family.blocks
+    blocks = model.get_submodule(path)
+    assert layout.num_blocks == len(blocks) >= 3
+    seen = set()
+    for name, _ in model.named_parameters():
+        where = layout.locate(name)
+        if name.startswith(path + "."):
+            assert where == Location("block", int(name[len(path) + 1 :].split(".")[0])), name
+            seen.add(where.block)
+        elif where.kind == "other":
+            assert name.startswith(_FINAL[model_type]), name
+        else:
+            assert where.kind in ("embeddings", "head"), name
+    assert seen == set(range(layout.num_blocks))
+    assert any(layout.locate(n).kind == "head" for n, _ in model.named_parameters())
