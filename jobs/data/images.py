@@ -7,7 +7,7 @@ the model's own preprocessing (plus optional train-time augmentation) without to
 Two layouts, as the torchvision / Hugging Face ``imagefolder`` convention has them:
 ``root/<label>/*.png|jpg|...`` (the sub-folder is the label; nested folders below it
 belong to the same label), or a JSONL/CSV file with an image path column
-(``data.image_field``) and a label column, paths relative to the file's folder. Every
+and a label column, paths relative to the file's folder (``resolve``). Every
 image is opened (header and, for PNG, checksums) on the driver, so an unreadable or
 non-image file is named with its path before any cluster resource is taken.
 """
@@ -143,7 +143,7 @@ class Preprocess:
             mean, std = (0.0,) * len(mean), (1.0,) * len(std)
         return cls(
             size=target,
-            resize=resize if crop is not None else None,
+            resize=resize,
             shortest_edge=int(shortest) if shortest is not None and resize is None else None,
             mean=mean,
             std=std,
@@ -187,9 +187,9 @@ class Preprocess:
         width, height = image.size
         area = width * height
         box = (0, 0, width, height)
+        log_ratio = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
         for _ in range(10):  # as torchvision's RandomResizedCrop: try, else the whole image
             target = area * rng.uniform(*self.crop_scale)
-            log_ratio = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
             ratio = math.exp(rng.uniform(*log_ratio))
             w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
             if 0 < w <= width and 0 < h <= height:

@@ -3,7 +3,7 @@
 Strategies never look at tensor shapes (under ZeRO-3 every shape is [0]); they ask
 ``locate(param_name)`` which part of the model a parameter belongs to. Adding an
 architecture is one ``Family`` entry: T5 would list ``encoder.block`` and
-``decoder.block`` as its block lists, ViT ``vit.encoder.layer``.
+``decoder.block`` as its block lists; ViT has ``vit.layers``.
 """
 
 from __future__ import annotations
