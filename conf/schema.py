@@ -32,9 +32,16 @@ class ConfigError(ValueError):
         return ConfigError, (self.key, self.message)
 
 
-MODEL_TASKS = ("causal_lm", "sequence_classification")
+MODEL_TASKS = ("causal_lm", "image_classification", "sequence_classification")
 DATA_SOURCES = ("file", "stdlib_docs", "wordnet_supersense", "wordnet_instruct")
-DATA_TASKS = ("classification", "instruction", "text")
+DATA_TASKS = ("classification", "image_classification", "instruction", "text")
+# data.task (the record format) -> the model tasks that train on it.
+DATA_MODEL_TASKS = {
+    "classification": ("sequence_classification",),
+    "image_classification": ("image_classification",),
+    "instruction": ("causal_lm",),
+    "text": ("causal_lm",),
+}
 STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
 PROGRESSIVE_BASES = ("freeze_depth", "lora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
@@ -105,6 +112,14 @@ class DataConfig:
     label_field: str = "label"
     prompt_field: str = "prompt"
     response_field: str = "response"
+    # data.task=image_classification: data.path is an image folder (root/<label>/*.png)
+    # or a JSONL/CSV listing with this column of image paths (relative to the listing).
+    image_field: str = "image"
+    # Train-time augmentation (random resized crop and horizontal flip); eval never.
+    augment: bool = False
+    # The side the model sees, instead of the image processor's own (e.g. a smaller
+    # input for a CNN); None = the processor's.
+    image_size: int | None = None
     # The allowed label set; None = every label found in the data.
     labels: list[str] | None = None
     max_length: int = 128
@@ -149,6 +164,24 @@ class DataConfig:
             raise ConfigError("data.num_classes", f"must be >= 2, got {self.num_classes}")
         if self.source == "file" and not self.path:
             raise ConfigError("data.path", "data.source=file needs a file path (JSONL, CSV or TXT)")
+        if self.image_size is not None:
+            _positive("data.image_size", self.image_size)
+        if self.task != "image_classification":
+            for key, value, unset in (
+                ("augment", self.augment, False),
+                ("image_size", self.image_size, None),
+            ):
+                if value != unset:
+                    raise ConfigError(
+                        f"data.{key}",
+                        f"applies to images (data.task=image_classification), not data.task={self.task}",
+                    )
+        if self.task == "image_classification" and self.source != "file":
+            raise ConfigError(
+                "data.source",
+                f"{self.source} is text; images come from a folder or a JSONL/CSV listing "
+                "(data.source=file data.path=<root/<label>/*.png or listing>)",
+            )
         if self.labels is not None and len(set(self.labels)) < 2:
             raise ConfigError("data.labels", f"needs at least 2 distinct labels, got {self.labels}")
 
@@ -640,15 +673,12 @@ class FinetuneConfig:
                     f"{every} steps is not less than train.max_steps={self.train.max_steps}: "
                     f"nothing would unfreeze; allowed: 1..{self.train.max_steps - 1}",
                 )
-        if self.data.task == "classification" and self.model.task != "sequence_classification":
+        allowed = DATA_MODEL_TASKS[self.data.task]
+        if self.model.task not in allowed:
             raise ConfigError(
                 "model.task",
-                f"data.task=classification needs model.task=sequence_classification, got {self.model.task}",
-            )
-        if self.data.task != "classification" and self.model.task != "causal_lm":
-            raise ConfigError(
-                "model.task",
-                f"data.task={self.data.task} needs model.task=causal_lm, got {self.model.task}",
+                f"data.task={self.data.task} needs model.task={' or '.join(allowed)}, "
+                f"got {self.model.task}",
             )
         if self.model.dtype == "bfloat16" and not self.deepspeed.bf16:
             raise ConfigError("deepspeed.bf16", "model.dtype=bfloat16 needs deepspeed.bf16=true")

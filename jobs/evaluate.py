@@ -21,6 +21,11 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tasks.for_labels(labels).eval_sums(logits, labels)
 
 
+def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model reads from a batch (token ids and mask, or pixel values)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 @torch.no_grad()
 def evaluate(
     forward: Callable[..., Any],
@@ -37,7 +42,7 @@ def evaluate(
     totals: torch.Tensor | None = None
     for batch, counts in batches:
         task = task or tasks.for_labels(batch["labels"])
-        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = forward(**inputs(batch))
         sums = task.eval_sums(out.logits, batch["labels"])
         totals = (sums if counts else torch.zeros_like(sums)) + (0 if totals is None else totals)
         if per_example is not None and counts:

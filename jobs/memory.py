@@ -44,6 +44,8 @@ class SavedActivations:
         self._owner: dict[tuple[str, int], int] = {}
         self._refs: dict[tuple[str, int], weakref.ref[torch.Tensor]] = {}
         self._current: int = -1
+        # Each block's input (its first tensor argument) in bytes: what checkpointing keeps.
+        self.boundaries: list[int] = []
         self._handles: list[Any] = []
         self._hooks: Any = None
 
@@ -75,6 +77,9 @@ class SavedActivations:
     def _enter_block(self, i: int) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             self._current = i
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if first is not None:
+                self.boundaries.append(first.numel() * first.element_size())
 
         return hook
 

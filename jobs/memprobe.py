@@ -58,14 +58,14 @@ def measure(cfg: FinetuneConfig, *, steps: int, rank: int, world: int) -> dict[s
     engine = start_engine(model, cfg.strategy, cfg, layout, world=world, width=width).engine
     engine.train()
     generator = torch.Generator().manual_seed(rank)
-    mb, seq = train.micro_batch_size, cfg.data.max_length
     task = tasks.get(cfg.model)
+    mb, seq = train.micro_batch_size, task.input_size(cfg.model, cfg.data)
 
     def batch() -> dict[str, torch.Tensor]:
         return task.example_batch(
             batch_size=mb,
             seq_len=seq,
-            vocab=len(tokenizer),
+            vocab=len(tokenizer) if hasattr(tokenizer, "__len__") else 0,
             num_labels=len(labels or []),
             generator=generator,
         )

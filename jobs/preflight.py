@@ -57,6 +57,9 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
             "strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0"
         )
     task = tasks.get(cfg.model)
+    _check_modality(cfg, layout, task)
+    if task.modality == "image":
+        _check_image_size(cfg)
     phases = strategies.phases(
         cfg.strategy, max_steps=cfg.train.max_steps, num_blocks=layout.num_blocks
     )
@@ -75,6 +78,51 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
         num_test=len(dataset.test),
         phases=phases,
     )
+
+
+_READS = {"text": "text", "image": "images"}
+
+
+def _check_modality(cfg: FinetuneConfig, layout: Layout, task: tasks.Task) -> None:
+    """A vision model reads images, a language model text: the task must match."""
+    family = layout.family.modality
+    if family == task.modality:
+        return
+    model_type = hf_config(cfg.model).model_type
+    fitting = sorted(name for name, t in tasks.TASKS.items() if t.modality == family)
+    raise ConfigError(
+        "model.task",
+        f"{cfg.model.name} ({model_type}) reads {_READS[family]}, but model.task={task.name} "
+        f"(data.task={cfg.data.task}) is {task.modality} data; allowed for this model: "
+        f"{', '.join(fitting)} (with its data: "
+        + ("data=image_folder" if family == "image" else "a text dataset")
+        + ")",
+    )
+
+
+def _check_image_size(cfg: FinetuneConfig) -> None:
+    """One forward pass on the meta device at the size preprocessing gives: a model that
+    cannot take it (a ViT's fixed patch grid) fails here, not on a worker."""
+    import torch
+
+    from jobs.models import build_image_processor, model_class
+    from jobs.tasks.image_classification import image_processor
+
+    config = hf_config(cfg.model)
+    size = image_processor(build_image_processor(cfg.model, config), cfg.data).size
+    auto = model_class(cfg.model, config, ["a", "b"])
+    with torch.device("meta"):
+        model = auto.from_config(config).eval()
+        try:
+            model(pixel_values=torch.zeros(1, 3, *size))
+        except (ValueError, RuntimeError) as e:
+            native = getattr(config, "image_size", None)
+            allowed = f"the model's own size {native}" if native else "a larger size"
+            raise ConfigError(
+                "data.image_size",
+                f"{cfg.model.name} cannot take {size[0]}x{size[1]} images ({e}); "
+                f"allowed: {allowed} (data.image_size=null uses the image processor's)",
+            ) from None
 
 
 def _check_phases(cfg: FinetuneConfig, phases: list[Phase], task: tasks.Task) -> None:

@@ -24,9 +24,12 @@ def _describe(record: dict[str, Any]) -> str:
         ("eval_loss", "eval_loss {:.4f}"),
         ("eval_accuracy", "eval_acc {:.3f}"),
         ("tokens_per_s", "{:.0f} tok/s"),
+        ("examples_per_s", "{:.0f} ex/s"),
     ):
         if key in record:
             parts.append(fmt.format(record[key]))
+        if key == "tokens_per_s" and key in record:
+            break  # text: tokens/s says it (examples/s is in metrics.jsonl)
     return "  ".join(parts)
 
 

@@ -37,11 +37,12 @@ from conf.schema import FinetuneConfig, StrategyConfig
 from jobs import checkpoint as ckpt
 from jobs import data as data_lib
 from jobs import engine as engine_lib
-from jobs import objectives, runlog, strategies, tasks
+from jobs import norms, objectives, runlog, strategies, tasks
 from jobs.evaluate import evaluate
 from jobs.export import export
 from jobs.memory import live_tensor_bytes
 from jobs.models import Layout, build, hidden_size
+from jobs.models import pad_id as models_pad_id
 from jobs.pool import Cancelled
 from jobs.strategies import Phase
 from jobs.strategies.discriminative import param_groups
@@ -295,7 +296,7 @@ def setup(
     dataset = data_lib.load(cfg.data, task)
     model, tokenizer = build(cfg.model, labels=dataset.labels, seed=train.seed)
     layout = Layout.of(model.config)
-    pad_id = tokenizer.pad_token_id
+    pad_id = models_pad_id(tokenizer)
 
     def shard(encoded: list[dict[str, Any]], collate: Any = task.collate) -> list[Any]:
         return data_lib.eval_batches(
@@ -617,7 +618,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         world_size=run.world,
         seed=train.seed,
         micro_batch_size=train.micro_batch_size,
-        pad_id=run.tokenizer.pad_token_id,
+        pad_id=models_pad_id(run.tokenizer),
         start_micro_step=state.micro_step,
         collate_fn=run.task.collate,
     )
@@ -628,14 +629,14 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
             world_size=run.world,
             seed=train.seed + 1 + i,  # its own order, not the training data's
             micro_batch_size=train.micro_batch_size,
-            pad_id=run.tokenizer.pad_token_id,
+            pad_id=models_pad_id(run.tokenizer),
             start_micro_step=state.micro_step,
             collate_fn=stream.collate,
         )
         for i, stream in enumerate(run.streams)
     }
     total_micro = train.max_steps * train.grad_accum_steps
-    engine.train()
+    norms.train_mode(engine)
     window = _Window()
     clock = time.time()
     while state.step < phase.end_step and not state.stopped_early:
@@ -655,6 +656,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         window.add(loss, batch, getattr(outputs, "terms", None))
         if state.micro_step % train.grad_accum_steps:
             continue
+        norms.average_running_stats(engine.module)
         state.step += 1
         run.poll()
         last = state.step == train.max_steps or _epochs_done(run, state)
@@ -669,7 +671,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         if state.step % train.eval_every == 0 or end_of_phase:
             engine.eval()
             record.update(_evaluate(run, current, final_step=state.step if last else None))
-            engine.train()
+            norms.train_mode(engine)
             value = record[early.metric]
             if _improved(value, state.best, mode=early.mode, min_delta=early.min_delta):
                 state.best, state.best_step, state.evals_without_improvement = value, state.step, 0
@@ -705,6 +707,8 @@ class _Window:
 
     def __init__(self) -> None:
         self.loss, self.micro, self.tokens, self.start = 0.0, 0, 0, time.time()
+        self.examples = 0
+        self.text = False  # batches of token ids (tokens/s is logged)
         self.terms: dict[str, float] = {}
 
     def add(
@@ -712,7 +716,10 @@ class _Window:
     ) -> None:
         self.loss += loss.item()
         self.micro += 1
-        self.tokens += int(batch["attention_mask"].sum())
+        self.examples += int(batch["labels"].size(0))
+        if "attention_mask" in batch:  # (every rank's batches are of one kind)
+            self.text = True
+            self.tokens += int(batch["attention_mask"].sum())
         for name, value in (terms or {}).items():
             self.terms[name] = self.terms.get(name, 0.0) + float(value)
 
@@ -724,10 +731,12 @@ class _Window:
             "lr": dict(
                 zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True)
             ),
-            "tokens_per_s": _all_mean(self.tokens / elapsed) * run.world,
+            "examples_per_s": _all_mean(self.examples / elapsed) * run.world,
             "steps_per_s": self.micro / train.grad_accum_steps / elapsed,
             "epoch": state.micro_step / run.per_epoch,
         }
+        if self.text:
+            record["tokens_per_s"] = _all_mean(self.tokens / elapsed) * run.world
         if len(run.phases) > 1:
             record["phase"] = state.phase
         for name, total in self.terms.items():

@@ -110,6 +110,32 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
+IMAGE_CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 210)}
+
+
+def write_images(root: Path, per_class: int = 40, seed: int = 5) -> Path:
+    """An image folder (root/<label>/*.png): noisy pictures whose dominant colour is the
+    label, a shape of another colour on top; sizes and aspect ratios vary (24-48 px)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for label, colour in IMAGE_CLASSES.items():
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            width, height = (int(v) for v in rng.integers(24, 49, size=2))
+            pixels = np.clip(
+                np.array(colour) + rng.normal(0, 40, size=(height, width, 3)), 0, 255
+            ).astype(np.uint8)
+            image = Image.fromarray(pixels)
+            x, y = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+            fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            ImageDraw.Draw(image).ellipse((x, y, x + width // 3, y + height // 3), fill=fill)
+            image.save(folder / f"{label}_{i:03d}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
@@ -122,6 +148,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "\n\n".join(f"the {f} is {c}." for f, c in sorted(COLORS.items())) * 3
     )
     write_prose(root / "prose.txt")
+    write_images(root / "images")
     return root
 
 

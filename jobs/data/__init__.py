@@ -20,7 +20,7 @@ import torch
 
 from conf.schema import ConfigError, DataConfig
 from jobs.data import files, stdlib_docs, wordnet
-from jobs.tasks.common import IGNORE_INDEX
+from jobs.tasks.common import EPOCH_SEED, IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -63,6 +63,7 @@ def normalise(records: list[dict[str, str]], cfg: DataConfig) -> list[dict[str, 
         cfg.label_field: "label",
         cfg.prompt_field: "prompt",
         cfg.response_field: "response",
+        cfg.image_field: "image",
     }
     return [{names.get(k, k): v for k, v in r.items()} for r in records]
 
@@ -194,9 +195,14 @@ def train_batches(
     while True:
         epoch, index = divmod(micro_step, per_epoch)
         shard = train_shard(len(encoded), rank=rank, world_size=world_size, epoch=epoch, seed=seed)
+        # Each example carries its epoch's draw, for augmentation that resumes exactly.
+        draw = seed * 1000 + epoch
         for i in range(index, per_epoch):
             yield collate_fn(
-                [encoded[j] for j in shard[i * micro_batch_size : (i + 1) * micro_batch_size]],
+                [
+                    {**encoded[j], EPOCH_SEED: draw}
+                    for j in shard[i * micro_batch_size : (i + 1) * micro_batch_size]
+                ],
                 pad_id,
             )
         micro_step = (epoch + 1) * per_epoch

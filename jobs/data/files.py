@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -121,6 +122,8 @@ def read(
     unlabelled file's label); with ``select=(field, value)`` only the rows whose field
     has that value (the others need not have the task's fields)."""
     path = Path(name).expanduser()
+    if cfg.image_field in fields:  # the task reads images: a folder or a listing of paths
+        return _read_images(path, cfg, fields, key=key, forbid=forbid, select=select)
     if not path.is_file():
         raise ConfigError(key, f"{name} does not exist or is not a file")
     reader = READERS.get(path.suffix.lower())
@@ -132,4 +135,49 @@ def read(
     if not records:
         which = f" with {select[0]}={select[1]!r}" if select else ""
         raise ConfigError(key, f"{path} holds no examples{which}")
+    return records
+
+
+def _read_images(
+    path: Path,
+    cfg: DataConfig,
+    fields: tuple[str, ...],
+    *,
+    key: str,
+    forbid: tuple[str, ...],
+    select: Select,
+) -> list[dict[str, str]]:
+    """An image folder (the label is the sub-folder) or a JSONL/CSV listing of image
+    paths; every image opened, so a bad one is named here (before Ray starts)."""
+    from jobs.data import images
+
+    if path.is_dir():
+        if select is not None:
+            raise ConfigError(key, f"{path}: an image folder has no {select[0]!r} field")
+        records = [
+            {cfg.image_field: r["image"], cfg.label_field: r["label"]}
+            for r in images.read_folder(path, key=key)
+        ]
+        if cfg.label_field in forbid:  # unlabelled images: the folder names are labels
+            raise ConfigError(
+                key, f"{path}: an image folder labels every image; give a listing without labels"
+            )
+        records = [{f: r[f] for f in fields if f in r} for r in records]
+    else:
+        if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+            raise ConfigError(
+                key,
+                f"{path}: images come from a folder (root/<label>/*.png) or a .jsonl/.csv "
+                f"listing with a {cfg.image_field!r} column",
+            )
+        records = read(
+            str(path),
+            dataclasses.replace(cfg, task="classification"),
+            fields,
+            key=key,
+            forbid=forbid,
+            select=select,
+        )
+        records = images.resolve(records, path, cfg.image_field)
+    images.check_images([{"image": r[cfg.image_field]} for r in records], key=key)
     return records

@@ -49,7 +49,14 @@ def read_folder(root: str | Path, *, key: str) -> list[dict[str, str]]:
         )
     records = []
     for folder in sorted(d for d in base.iterdir() if d.is_dir() and _visible(d, base)):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p, folder)):
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and _visible(p, folder))
+        if not found:
+            raise ConfigError(
+                key,
+                f"{folder}: label folder {folder.name!r} holds no images; give it some or "
+                "remove it (every sub-folder of an image folder is a class)",
+            )
+        for path in found:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise ConfigError(
                     key,
@@ -61,12 +68,12 @@ def read_folder(root: str | Path, *, key: str) -> list[dict[str, str]]:
     return records
 
 
-def resolve(records: list[dict[str, str]], listing: str | Path) -> list[dict[str, str]]:
+def resolve(
+    records: list[dict[str, str]], listing: str | Path, field: str = "image"
+) -> list[dict[str, str]]:
     """Image paths of a JSONL/CSV listing made absolute against the listing's folder."""
     folder = Path(listing).expanduser().resolve().parent
-    return [
-        {**r, "image": str((folder / Path(r["image"]).expanduser()).resolve())} for r in records
-    ]
+    return [{**r, field: str((folder / Path(r[field]).expanduser()).resolve())} for r in records]
 
 
 def check_images(records: Sequence[dict[str, str]], *, key: str) -> None:

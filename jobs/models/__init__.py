@@ -34,12 +34,15 @@ __all__ = [
     "Family",
     "Layout",
     "build",
+    "build_image_processor",
+    "build_processor",
     "build_tokenizer",
     "family_of",
     "hf_config",
     "hidden_size",
     "model_class",
     "num_blocks",
+    "pad_id",
     "resolve_source",
     "weights_dir",
 ]
@@ -154,6 +157,47 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def build_image_processor(cfg: ModelConfig, config: PretrainedConfig) -> Any:
+    """A vision model's image processor: its own (``preprocessor_config.json`` in the
+    weights folder, or the folder ``model.tokenizer`` names); for an architecture
+    without weights, a plain resize to ``image_size`` (224 if the config has none)
+    with mean/std 0.5."""
+    from transformers import AutoImageProcessor, ViTImageProcessorPil
+
+    if cfg.tokenizer is None and cfg.arch is not None:
+        side = int(getattr(config, "image_size", None) or 224)
+        return ViTImageProcessorPil(
+            size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+    source = cfg.tokenizer or weights_dir(cfg)
+    try:
+        # PIL backend: torchvision does not import beside this torch
+        return AutoImageProcessor.from_pretrained(source, backend="pil")
+    except (OSError, ValueError) as e:
+        key = "model.tokenizer" if cfg.tokenizer else "model.path"
+        raise ConfigError(
+            key,
+            f"{source}: no image processor (preprocessor_config.json) to preprocess images "
+            f"as the checkpoint was trained ({type(e).__name__}); give a folder with one "
+            "as model.tokenizer",
+        ) from None
+
+
+def pad_id(processor: Any) -> int:
+    """The id batches are padded with (an image processor pads nothing: 0)."""
+    value = getattr(processor, "pad_token_id", None)
+    return 0 if value is None else int(value)
+
+
+def build_processor(cfg: ModelConfig) -> Any:
+    """What the model reads its inputs with: the tokenizer, or a vision model's image
+    processor (``jobs.tasks`` encodes records with it; the export saves it)."""
+    config = hf_config(cfg)
+    if family_of(config).modality == "image":
+        return build_image_processor(cfg, config)
+    return build_tokenizer(cfg)
+
+
 def build_tokenizer(cfg: ModelConfig) -> Any:
     tokenizer = (
         byte_tokenizer()
@@ -178,8 +222,12 @@ def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> PretrainedConfi
 
 
 def hidden_size(config: PretrainedConfig) -> int:
-    """The width of the residual stream (``d_model`` in T5-style configs)."""
-    return int(getattr(config, "hidden_size", None) or config.d_model)
+    """The width of the residual stream (``d_model`` in T5-style configs; a CNN's
+    widest stage, or EfficientNet's ``hidden_dim``)."""
+    for attr in ("hidden_size", "d_model", "hidden_dim"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return int(config.hidden_sizes[-1])
 
 
 def num_blocks(cfg: ModelConfig) -> int:
@@ -198,16 +246,21 @@ def model_class(cfg: ModelConfig, config: PretrainedConfig, labels: list[str] | 
 def build(
     cfg: ModelConfig, *, labels: list[str] | None = None, seed: int = 0
 ) -> tuple[PreTrainedModel, Any]:
-    """The model (pretrained, or random init with the same architecture) and its tokenizer.
+    """The model (pretrained, or random init with the same architecture) and its tokenizer
+    (a vision model's: its image processor).
 
     For classification, ``labels`` sets a new head of len(labels) outputs, with the label
     map stored in the model's config so the export carries it.
     """
-    tokenizer = build_tokenizer(cfg)
-    config = hf_config(cfg, tokenizer)
+    config = hf_config(cfg)
+    if family_of(config).modality == "image":
+        tokenizer = build_image_processor(cfg, config)
+    else:
+        tokenizer = build_tokenizer(cfg)
+        config = hf_config(cfg, tokenizer)  # (an architecture's vocabulary: the tokenizer's)
+        config.pad_token_id = tokenizer.pad_token_id
     dtype = getattr(torch, cfg.dtype)
     auto = model_class(cfg, config, labels)
-    config.pad_token_id = tokenizer.pad_token_id
 
     torch.manual_seed(seed)  # same head init (and same scratch weights) on every rank
     if cfg.pretrained and cfg.arch is None:

@@ -34,6 +34,8 @@ class Family:
     # When the block count is not a config attribute (a list of stages, repeats scaled
     # by a depth multiplier): a function of the HF config.
     count: Callable[[Any], int] | None = None
+    # What the model reads: "text" (token ids) or "image" (pixel values).
+    modality: str = "text"
 
     def num_blocks(self, hf_config: Any) -> int:
         if self.count is not None:
@@ -74,12 +76,14 @@ def _efficientnet_blocks(config: Any) -> int:
 # (ResNet, ConvNeXt: 4 stages), or one MBConv block (EfficientNet). The final norm sits
 # above the blocks ("other": it trains with the top block's depth, as a decoder's does).
 _VIT = Family(
+    modality="image",
     blocks=("vit.layers",),
     embeddings=("vit.embeddings",),
     heads=("classifier",),
-    lora_targets=("query", "key", "value"),
+    lora_targets=("q_proj", "k_proj", "v_proj"),  # (transformers 5 names)
 )
 _RESNET = Family(
+    modality="image",
     blocks=("resnet.encoder.stages",),
     embeddings=("resnet.embedder",),
     heads=("classifier",),
@@ -87,6 +91,7 @@ _RESNET = Family(
     count=_stages,
 )
 _CONVNEXT = Family(
+    modality="image",
     blocks=("convnext.encoder.stages",),
     embeddings=("convnext.embeddings",),
     heads=("classifier",),
@@ -94,6 +99,7 @@ _CONVNEXT = Family(
     count=_stages,
 )
 _EFFICIENTNET = Family(
+    modality="image",
     blocks=("efficientnet.encoder.blocks",),
     embeddings=("efficientnet.embeddings",),
     # The 1x1 convolution and norm after the last block feed only the pooled features.

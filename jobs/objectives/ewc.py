@@ -102,6 +102,7 @@ class EWC(L2SP):
 
     def _source_batches(self, context: Any) -> list[dict[str, torch.Tensor]]:
         from jobs import data as data_lib
+        from jobs import models
 
         records, data = data_lib.read_extra(
             self.source_path,
@@ -117,7 +118,7 @@ class EWC(L2SP):
             rank=rank,
             world_size=world,
             micro_batch_size=context.micro_batch_size,
-            pad_id=context.tokenizer.pad_token_id,
+            pad_id=models.pad_id(context.tokenizer),
             collate_fn=context.task.collate,
         )
         per_rank = max(1, self.batches // world)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from conf.schema import FinetuneConfig, StrategyConfig
+from jobs import tasks
 from jobs.plan.memory import model_states
 from jobs.plan.trace import trace
 
@@ -57,7 +58,8 @@ def recommend(
 ) -> list[Option]:
     """The cheapest configurations that fit ``device_bytes`` per device, cheapest first."""
     world = num_gpus or cfg.scaling.num_workers
-    base_counts, _ = trace(cfg, seq_len=8)
+    # (the counts only: a short input; an image model takes only its own size)
+    base_counts, _ = trace(cfg, seq_len=8 if tasks.get(cfg.model).modality == "text" else None)
     options: list[Option] = []
     mb0, accum0 = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
     micro_batches = [mb0 // 2**i for i in range(int(math.log2(mb0)) + 1)]

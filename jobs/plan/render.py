@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from jobs import tasks
 from jobs.plan.checks import Plan
 from jobs.plan.recommend import Option
 from jobs.plan.units import _count, fmt
@@ -81,7 +82,7 @@ def render(
         f"strategy {cfg.strategy.name}: {c.trainable:,} trainable ({share:.2%}); "
         f"ZeRO-{cfg.deepspeed.stage}{' + offload ' + '/'.join(offload) if offload else ''}, "
         f"{precision}, {plan.world} ranks, micro batch {cfg.train.micro_batch_size} x "
-        f"{plan.activations.seq_len} tokens"
+        + tasks.get(cfg.model).describe_input(plan.activations.seq_len)
     )
     table = Table(title="memory per device", title_justify="left")
     table.add_column("")

@@ -227,7 +227,7 @@ def _teacher_parameters(cfg: FinetuneConfig, teacher: str) -> int:
 
 def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Activations]:
     """Counts and activations of ``cfg``'s model under its strategy, on the meta device."""
-    seq_len = seq_len or cfg.data.max_length
+    seq_len = seq_len or tasks.get(cfg.model).input_size(cfg.model, cfg.data)
     model, layout, blocks = _meta_model(cfg)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     model = strategies.apply(model, cfg.strategy, layout)
@@ -248,8 +248,16 @@ def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Acti
     )
     # No attention mask: an all-ones mask is skipped anyway (and checking that needs
     # real values). Padded batches add one boolean mask, negligible beside the rest.
-    batch = tasks.get(cfg.model).example_batch(
-        batch_size=1, seq_len=seq_len, vocab=1, num_labels=len(labels_for(cfg) or []), device="meta"
+    # Batch norm cannot train on one example: trace two and halve (activations are linear
+    # in the batch).
+    task = tasks.get(cfg.model)
+    rows = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
+    batch = task.example_batch(
+        batch_size=rows,
+        seq_len=seq_len,
+        vocab=1,
+        num_labels=len(labels_for(cfg) or []),
+        device="meta",
     )
     model.train()
     with _as_trained(cfg.deepspeed.stage), SavedActivations(model, blocks) as saved:
@@ -257,7 +265,7 @@ def trace(cfg: FinetuneConfig, seq_len: int | None = None) -> tuple[Counts, Acti
     act_bytes = torch.finfo(_compute_dtype(cfg)).bits // 8
     return counts, Activations(
         seq_len=seq_len,
-        outside=saved.outside,
-        per_block=tuple(saved.per_block),
-        boundary=seq_len * counts.hidden * act_bytes,
+        outside=saved.outside // rows,
+        per_block=tuple(b // rows for b in saved.per_block),
+        boundary=max(saved.boundaries, default=seq_len * counts.hidden * act_bytes * rows) // rows,
     )

@@ -32,13 +32,23 @@ def target_regex(layout: Layout, targets: list[str] | tuple[str, ...], k: int | 
     return rf"(.*\.)?({'|'.join(blocks)})\..*\.({'|'.join(map(re.escape, targets))})"
 
 
+# peft's task type by the model class's suffix; an image classifier has none (a plain
+# PeftModel that forwards pixel_values; the head is kept by modules_to_save).
+_TASK_TYPES = {
+    "SequenceClassification": peft.TaskType.SEQ_CLS,
+    "CausalLM": peft.TaskType.CAUSAL_LM,
+}
+
+
 def _leaf_names(model: nn.Module, paths: tuple[str, ...]) -> list[str]:
     modules = dict(model.named_modules())
     return [p.rsplit(".", 1)[-1] for p in paths if p in modules]
 
 
 def apply(model: nn.Module, cfg: StrategyConfig, layout: Layout) -> nn.Module:
-    is_classifier = "ForSequenceClassification" in type(model).__name__
+    # A classifier (text or image) has a new head; a causal LM's head is pretrained.
+    kind = type(model).__name__
+    is_classifier = kind.endswith(("ForSequenceClassification", "ForImageClassification"))
     # New heads (and embeddings, if asked) train in full and are saved with the adapter.
     modules_to_save = _leaf_names(model, layout.family.heads) if is_classifier else []
     if cfg.train_embeddings:
@@ -51,6 +61,6 @@ def apply(model: nn.Module, cfg: StrategyConfig, layout: Layout) -> nn.Module:
             layout, cfg.lora.target_modules or layout.family.lora_targets, cfg.num_trainable_blocks
         ),
         modules_to_save=modules_to_save or None,
-        task_type=peft.TaskType.SEQ_CLS if is_classifier else peft.TaskType.CAUSAL_LM,
+        task_type=_TASK_TYPES.get(kind.rsplit("For", 1)[-1]),
     )
     return peft.get_peft_model(model, lora_config)

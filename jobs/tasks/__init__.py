@@ -16,14 +16,16 @@ from typing import Any, Protocol
 import torch
 
 from conf.schema import DataConfig, ModelConfig
-from jobs.tasks import causal_lm, sequence_classification
+from jobs.tasks import causal_lm, image_classification, sequence_classification
 
 
 class Task(Protocol):
     name: str
     # peft's task type for LoRA, and whether the model has a new head trained in full.
-    peft_task_type: str
+    peft_task_type: str  # "" = none (a plain PeftModel)
     new_head: bool
+    # What the model reads: "text" (a tokenizer) or "image" (an image processor).
+    modality: str
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         """The transformers Auto class; sets what the HF config needs (label map)."""
@@ -56,6 +58,13 @@ class Task(Protocol):
     ) -> dict[str, Any]:
         """``{prefix}_loss``, ``{prefix}_accuracy``, ... from the reduced sums."""
 
+    def describe_input(self, length: int) -> str:
+        """``input_size``'s value in words: "512 tokens", "224x224 images"."""
+
+    def input_size(self, model: ModelConfig, data: DataConfig) -> int:
+        """The length ``example_batch`` takes: tokens (data.max_length), or the image
+        side preprocessing gives."""
+
     def example_batch(
         self,
         *,
@@ -72,11 +81,13 @@ class Task(Protocol):
 TASKS: dict[str, Task] = {
     "sequence_classification": sequence_classification.TASK,
     "causal_lm": causal_lm.TASK,
+    "image_classification": image_classification.TASK,
 }
 
 # data.task (the record format) -> the model task that trains on it.
 _FOR_DATA = {
     "classification": "sequence_classification",
+    "image_classification": "image_classification",
     "instruction": "causal_lm",
     "text": "causal_lm",
 }
@@ -96,7 +107,9 @@ def for_labels(labels: torch.Tensor) -> Task:
 
 
 def for_examples(examples: list[dict[str, Any]]) -> Task:
-    """The text task encoded examples belong to (see ``encode``)."""
+    """The task encoded examples belong to (see ``encode``)."""
+    if "image" in examples[0]:
+        return TASKS["image_classification"]
     return TASKS["sequence_classification" if "label" in examples[0] else "causal_lm"]
 
 

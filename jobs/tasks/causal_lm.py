@@ -35,6 +35,7 @@ class CausalLM:
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
     new_head = False
+    modality = "text"
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         return AutoModelForCausalLM
@@ -110,6 +111,12 @@ class CausalLM:
             f"{prefix}_accuracy": correct / count,
             f"{prefix}_perplexity": math.exp(min(mean, 50.0)),
         }
+
+    def describe_input(self, length: int) -> str:
+        return f"{length} tokens"
+
+    def input_size(self, model: Any, data: DataConfig) -> int:
+        return data.max_length
 
     def example_batch(
         self,

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
+# Key train_batches adds to each training example: its epoch's draw (from the seed and
+# the epoch), which train-time augmentation seeds from so a resumed run repeats it.
+EPOCH_SEED = "epoch_seed"
 
 
 def pad_ids(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

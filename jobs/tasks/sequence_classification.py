@@ -38,6 +38,7 @@ class SequenceClassification:
     name = "sequence_classification"
     peft_task_type = "SEQ_CLS"
     new_head = True
+    modality = "text"
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         if not labels:
@@ -134,6 +135,12 @@ class SequenceClassification:
         if confusion:
             out[f"{prefix}_confusion"] = matrix.tolist()
         return out
+
+    def describe_input(self, length: int) -> str:
+        return f"{length} tokens"
+
+    def input_size(self, model: Any, data: DataConfig) -> int:
+        return data.max_length
 
     def example_batch(
         self,

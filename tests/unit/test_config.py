@@ -23,6 +23,10 @@ NEEDS = {
     # Config-only LLaMA 3 entries are bf16 and causal LMs.
     ("model", "llama3_8b"): ["deepspeed.bf16=true", "data=wordnet_instruct"],
     ("model", "llama3_70b"): ["deepspeed.bf16=true", "data=wordnet_instruct"],
+    # Vision models read an image folder.
+    ("model", "tiny_vit"): ["data=image_folder", "data.path=/tmp/images"],
+    ("model", "tiny_resnet"): ["data=image_folder", "data.path=/tmp/images"],
+    ("data", "image_folder"): ["data.path=/tmp/images", "model=tiny_vit"],
 }
 TASK_OF_DATA = {"wordnet_instruct": "smollm2_135m"}
 

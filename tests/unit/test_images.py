@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,3 +112,129 @@ def test_augmentation_is_random_but_reproducible(tmp_path: Path) -> None:
     c = prep(path, random.Random(2))
     assert a.shape == (3, 24, 24) and torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, prep(path))
+
+
+# ------------------------------------------------------------------ the task and its checks
+def _compose(root: Path, *extra: str):  # type: ignore[no-untyped-def]
+    from jobs.config import compose
+
+    return compose(["model=tiny_vit", "data=image_folder", f"data.path={root}", *extra])
+
+
+def _many(root: Path, per_class: int = 6) -> Path:
+    for label, colour in (
+        ("red", (220, 30, 30)),
+        ("blue", (20, 30, 220)),
+        ("green", (20, 200, 40)),
+    ):
+        for i in range(per_class):
+            _png(root / label / f"{i}.png", tuple(c + i for c in colour))  # type: ignore[arg-type]
+    return root
+
+
+def test_augmented_batches_resume_exactly_and_eval_batches_are_fixed(tmp_path: Path) -> None:
+    """A resumed run (train_batches from a later micro step) sees the very crops and
+    flips the uninterrupted run saw; each epoch draws new ones; eval never augments."""
+    from jobs import data as data_lib
+    from jobs import tasks
+    from jobs.models import build
+
+    cfg = _compose(_many(tmp_path / "photos"), "data.augment=true", "data.eval_fraction=0.2")
+    task = tasks.get(cfg.model)
+    dataset = data_lib.load(cfg.data, task)
+    _, processor = build(cfg.model, labels=dataset.labels)
+    encoded = task.encode(dataset.train, processor, cfg.data, dataset.labels)
+
+    def stream(start: int) -> Any:
+        return data_lib.train_batches(
+            encoded,
+            rank=1,
+            world_size=2,
+            seed=3,
+            micro_batch_size=2,
+            pad_id=0,
+            start_micro_step=start,
+            collate_fn=task.collate,
+        )
+
+    whole = stream(0)
+    first = [next(whole)["pixel_values"] for _ in range(12)]  # 3 epochs of 4 micro batches
+    resumed = stream(5)
+    for expected in first[5:]:
+        assert torch.equal(next(resumed)["pixel_values"], expected)
+    # each epoch draws new crops: no batch repeats across the 3 epochs
+    assert len({t.sum().item() for t in first}) == len(first)
+    eval_a = data_lib.eval_batches(
+        encoded, rank=0, world_size=1, micro_batch_size=4, pad_id=0, collate_fn=task.collate
+    )
+    eval_b = data_lib.eval_batches(
+        encoded, rank=0, world_size=1, micro_batch_size=4, pad_id=0, collate_fn=task.collate
+    )
+    plain = images.Preprocess.from_processor(processor)
+    assert torch.equal(eval_a[0][0]["pixel_values"], eval_b[0][0]["pixel_values"])
+    assert torch.equal(eval_a[0][0]["pixel_values"][0], plain(encoded[0]["image"]))
+    assert eval_a[0][0]["pixel_values"].shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("make", "extra", "key", "message"),
+    [
+        (
+            lambda r: _png(r / "red" / "0.png", (200, 0, 0)).parent,
+            (),
+            "data.path",
+            "at least 2 labels",
+        ),
+        (
+            lambda r: (_many(r), (r / "purple").mkdir())[0],
+            (),
+            "data.path",
+            "'purple' holds no images",
+        ),
+        (
+            lambda r: (_many(r), (r / "red" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n broken"))[0],
+            (),
+            "data.path",
+            "9.png: not a readable image",
+        ),
+        (_many, ("data.labels=[red,blue,purple]",), "data.labels", "['purple'] have no images"),
+        (_many, ("data.image_size=48",), "data.image_size", "cannot take 48x48 images"),
+        (_many, ("model=tiny_bert", "model.task=image_classification"), "model.task", "reads text"),
+        (
+            _many,
+            (
+                "data.max_length=16",
+                "data.task=classification",
+                "model.task=sequence_classification",
+            ),
+            "model.task",
+            "reads images",
+        ),
+        (
+            _many,
+            ("data.task=classification",),
+            "model.task",
+            "needs model.task=sequence_classification",
+        ),
+    ],
+)
+def test_bad_image_input_is_refused_before_ray_with_the_key(  # type: ignore[no-untyped-def]
+    tmp_path: Path, make, extra: tuple[str, ...], key: str, message: str
+) -> None:
+    from jobs.preflight import preflight
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    make(root)
+    with pytest.raises(ConfigError) as e:
+        preflight(_compose(root, *extra))
+    assert e.value.key == key and message in str(e.value), str(e.value)
+
+
+def test_augment_on_text_and_text_sources_for_images_are_refused() -> None:
+    from jobs.config import compose
+
+    with pytest.raises(ConfigError, match="data.augment: applies to images"):
+        compose(["model=tiny_bert", "data=stdlib_docs", "data.augment=true"]).check()
+    with pytest.raises(ConfigError, match="data.source: stdlib_docs is text"):
+        compose(["model=tiny_vit", "data=stdlib_docs", "data.task=image_classification"]).check()

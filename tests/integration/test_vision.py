@@ -1,0 +1,222 @@
+"""Image classification on a real local Ray with real DeepSpeed over gloo, 2 workers: a
+tiny ViT and a tiny ResNet (random init from configs) on an image folder, under ZeRO-2
+and ZeRO-3, with every strategy that makes sense for a vision backbone. Each export is
+loaded with plain transformers (or peft) and scored again; the parameters each strategy
+froze are compared with the model the run started from.
+
+    pytest tests/integration/test_vision.py
+
+All runs share one Ray Train gang (``run_many``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from conf.schema import FinetuneConfig
+from jobs import data as data_lib
+from jobs import runlog, tasks
+from jobs.config import compose
+from jobs.evaluate import evaluate
+from jobs.finetune import run_many
+from jobs.models import build
+from tests.integration.test_finetune import _event, _losses
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
+
+
+def vision_overrides(data_dir: Path, model: str) -> list[str]:
+    return [
+        f"model={model}",
+        "data=image_folder",
+        f"data.path={data_dir / 'images'}",
+        "data.eval_fraction=0.2",
+        "train.max_steps=12",
+        "train.micro_batch_size=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=0",
+        "train.schedule=constant",
+        "train.eval_every=6",
+        "train.checkpoint_every=6",
+        "train.log_every=1",
+        "scaling=local",
+        "cluster.num_cpus=2",
+    ]
+
+
+RUNS = {
+    # the whole ViT, training batches augmented (random resized crop + flip)
+    "vit-full-zero2": ("tiny_vit", ["deepspeed=zero2", "strategy=full", "data.augment=true"]),
+    # adapters on query/key/value, the new head in full
+    "vit-lora-zero3": (
+        "tiny_vit",
+        ["deepspeed=zero3", "strategy=lora", "strategy.lora.r=8", "train.lr=1e-2"],
+    ),
+    # 3 phases of 4 steps: the head, then one block more at each unfreeze
+    "vit-progressive-zero3": (
+        "tiny_vit",
+        [
+            "deepspeed=zero3",
+            "strategy=progressive",
+            "strategy.progressive.unfreeze_every=4",
+            "strategy.progressive.final_blocks=2",
+            "strategy.num_trainable_blocks=0",
+        ],
+    ),
+    # the top two stages (and their batch norms' statistics), the lower ones untouched
+    "resnet-freeze-zero3": (
+        "tiny_resnet",
+        [
+            "deepspeed=zero3",
+            "strategy=freeze_depth",
+            "strategy.num_trainable_blocks=2",
+            "strategy.lr_ratio=0.5",
+            "data.augment=true",
+        ],
+    ),
+    # the new head alone
+    "resnet-head-zero2": (
+        "tiny_resnet",
+        ["deepspeed=zero2", "strategy=feature_extraction", "train.lr=5e-2"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def gang(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, ray_2cpus: None
+) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("vision")
+    runs = {
+        name: vision_overrides(data_dir, model) + extra for name, (model, extra) in RUNS.items()
+    }
+    order = sorted(runs, key=lambda name: "zero3" in name)  # ZeRO-3 last (see test_finetune)
+    cfgs = {
+        name: compose(runs[name] + [f"run.output_dir={out}", f"run.name={name}"]) for name in order
+    }
+    summaries = run_many([cfgs[name] for name in order], show_progress=False)
+    return {
+        name: (cfgs[name], runlog.read(s.run_dir), s.run_dir)
+        for name, s in zip(order, summaries, strict=True)
+    }
+
+
+def _load_export(export_dir: Path) -> torch.nn.Module:
+    adapter = export_dir / "adapter"
+    if adapter.is_dir():
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return peft.PeftModel.from_pretrained(
+            AutoModelForImageClassification.from_pretrained(base), adapter
+        )
+    return AutoModelForImageClassification.from_pretrained(export_dir)
+
+
+def score_export(export_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
+    """The eval metrics of the exported model and image processor, loaded with plain
+    transformers / peft (the processor from the export folder, PIL backend)."""
+    model = _load_export(export_dir).eval()
+    where = export_dir / "adapter" if (export_dir / "adapter").is_dir() else export_dir
+    processor = AutoImageProcessor.from_pretrained(where, backend="pil")
+    labels = json.loads((export_dir / "labels.json").read_text())
+    task = tasks.get(cfg.model)
+    dataset = data_lib.load(cfg.data, task)
+    encoded = task.encode(dataset.eval, processor, cfg.data, labels)
+    batches = data_lib.eval_batches(
+        encoded, rank=0, world_size=1, micro_batch_size=8, pad_id=0, collate_fn=task.collate
+    )
+    return evaluate(model, batches, task=task)
+
+
+def _changed(cfg: FinetuneConfig, run_dir: Path) -> dict[str, bool]:
+    """For each tensor of the start model (parameters and batch-norm statistics):
+    whether the full-model export differs from it."""
+    labels = json.loads((run_dir / "export" / "labels.json").read_text())
+    start, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
+    end = load_file(run_dir / "export" / "model.safetensors")
+    return {
+        name: not torch.equal(tensor, end[name])
+        for name, tensor in start.state_dict().items()
+        if name in end and tensor.is_floating_point()
+    }
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_loss_falls_and_the_export_reproduces_the_final_eval(
+    gang: dict[str, Any], name: str
+) -> None:
+    cfg, records, run_dir = gang[name]
+    start, end = _event(records, "start"), _event(records, "end")
+    assert start["world_size"] == 2
+    assert json.loads((run_dir / "export" / "labels.json").read_text()) == ["blue", "green", "red"]
+    losses = list(_losses(records).values())
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, f"train loss did not fall: {losses}"
+    assert _event(records, "baseline")["eval_loss"] - end["eval_loss"] > 0.3
+    assert end["eval_accuracy"] >= 0.8
+    scored = score_export(run_dir / "export", cfg)
+    assert scored["eval_loss"] == pytest.approx(end["eval_loss"], rel=1e-4)
+    assert scored["eval_accuracy"] == end["eval_accuracy"]
+    processor = json.loads(next((run_dir / "export").rglob("preprocessor_config.json")).read_text())
+    assert processor["size"] == {"height": 32, "width": 32}
+
+
+def test_freeze_depth_trains_the_top_stages_and_keeps_the_lower_ones(
+    gang: dict[str, Any],
+) -> None:
+    cfg, _, run_dir = gang["resnet-freeze-zero3"]
+    changed = _changed(cfg, run_dir)
+    frozen = [
+        n
+        for n in changed
+        if n.startswith(("resnet.embedder", "resnet.encoder.stages.0", "resnet.encoder.stages.1"))
+    ]
+    trained = [
+        n
+        for n in changed
+        if n.startswith(("resnet.encoder.stages.2", "resnet.encoder.stages.3", "classifier"))
+    ]
+    assert frozen and trained and len(frozen) + len(trained) == len(changed)
+    # the frozen stages' batch norms kept their statistics too (eval mode while training)
+    assert not [n for n in frozen if changed[n]], "a frozen stage changed"
+    assert all(changed[n] for n in trained if not n.endswith("num_batches_tracked"))
+    assert any("running_mean" in n for n in trained)
+
+
+def test_feature_extraction_trains_the_head_alone(gang: dict[str, Any]) -> None:
+    cfg, _, run_dir = gang["resnet-head-zero2"]
+    changed = _changed(cfg, run_dir)
+    assert {n for n, c in changed.items() if c} == {"classifier.1.weight", "classifier.1.bias"}
+
+
+def test_lora_trains_adapters_and_the_head_only(gang: dict[str, Any]) -> None:
+    cfg, _, run_dir = gang["vit-lora-zero3"]
+    saved = load_file(run_dir / "export" / "adapter" / "adapter_model.safetensors")
+    kinds = {
+        "lora" if "lora_" in n else n.removeprefix("base_model.model.").split(".")[0] for n in saved
+    }
+    assert kinds == {"lora", "classifier"}, sorted(saved)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in saved if "lora_" in n} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+    }
+
+
+def test_progressive_unfreezes_vit_blocks_in_phases(gang: dict[str, Any]) -> None:
+    cfg, records, run_dir = gang["vit-progressive-zero3"]
+    phases = [r for r in records if r.get("event") in ("start", "phase")]
+    assert [p["trainable_blocks"] for p in phases] == [0, 1, 2]
+    changed = _changed(cfg, run_dir)
+    assert not any(
+        c
+        for n, c in changed.items()
+        if n.startswith(("vit.layers.0.", "vit.layers.1.", "vit.embeddings"))
+    )
+    assert all(c for n, c in changed.items() if n.startswith(("vit.layers.3.", "classifier")))
