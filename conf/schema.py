@@ -32,14 +32,14 @@ class ConfigError(ValueError):
         return ConfigError, (self.key, self.message)
 
 
-MODEL_TASKS = ("causal_lm", "image_classification", "sequence_classification")
+MODEL_TASKS = ("causal_lm", "image_classification", "seq2seq", "sequence_classification")
 DATA_SOURCES = ("file", "stdlib_docs", "wordnet_supersense", "wordnet_instruct")
 DATA_TASKS = ("classification", "image_classification", "instruction", "text")
 # data.task (the record format) -> the model tasks that train on it.
 DATA_MODEL_TASKS = {
     "classification": ("sequence_classification",),
     "image_classification": ("image_classification",),
-    "instruction": ("causal_lm",),
+    "instruction": ("causal_lm", "seq2seq"),
     "text": ("causal_lm",),
 }
 STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
@@ -583,6 +583,12 @@ class EvalConfig:
     - after; ``forgotten_loss`` = loss after - before)."""
 
     source_path: str | None = None
+    # model.task=seq2seq: evaluation generates each response (greedy) up to this many
+    # tokens for exact match and ROUGE-L.
+    max_new_tokens: int = 32
+
+    def check(self) -> None:
+        _positive("eval.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -634,6 +640,7 @@ class FinetuneConfig:
             self.cluster,
             self.train,
             self.run,
+            self.eval,
         ):
             group.check()
         if self.sweep is not None:

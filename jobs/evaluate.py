@@ -21,11 +21,6 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tasks.for_labels(labels).eval_sums(logits, labels)
 
 
-def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model reads from a batch (token ids and mask, or pixel values)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
 @torch.no_grad()
 def evaluate(
     forward: Callable[..., Any],
@@ -35,21 +30,28 @@ def evaluate(
     prefix: str = "eval",
     confusion: bool = False,
     per_example: list[torch.Tensor] | None = None,
+    generate: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """``{prefix}_loss``, ``{prefix}_accuracy`` and the task's other metrics.
     ``per_example``: also append each counted example's own sums, in this rank's order
-    (summing any subset and calling ``task.metrics`` scores that subset: bootstraps)."""
+    (summing any subset and calling ``task.metrics`` scores that subset: bootstraps).
+    ``generate``: per-example sums of generated outputs for a batch ([B, k]: exact
+    match, ROUGE-L, ... for tasks that generate), appended to the task's sums."""
     totals: torch.Tensor | None = None
     for batch, counts in batches:
         task = task or tasks.for_labels(batch["labels"])
-        out = forward(**inputs(batch))
+        out = forward(**task.model_inputs(batch))
+        generated = generate(batch) if generate is not None else None  # (collective)
         sums = task.eval_sums(out.logits, batch["labels"])
+        if generated is not None:
+            sums = torch.cat([sums, generated.sum(0).double()])
         totals = (sums if counts else torch.zeros_like(sums)) + (0 if totals is None else totals)
         if per_example is not None and counts:
-            per_example.extend(
-                task.eval_sums(out.logits[i : i + 1], batch["labels"][i : i + 1])
-                for i in range(batch["labels"].size(0))
-            )
+            for i in range(batch["labels"].size(0)):
+                own = task.eval_sums(out.logits[i : i + 1], batch["labels"][i : i + 1])
+                if generated is not None:
+                    own = torch.cat([own, generated[i].double()])
+                per_example.append(own)
     assert totals is not None and task is not None, "evaluate: no batches"
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

@@ -87,6 +87,20 @@ def _check_modality(cfg: FinetuneConfig, layout: Layout, task: tasks.Task) -> No
     """A vision model reads images, a language model text: the task must match."""
     family = layout.family.modality
     if family == task.modality:
+        if task.needs and not getattr(layout.family, task.needs):
+            forms = [f for f in ("causal_lm", "encoder_decoder") if getattr(layout.family, f)]
+            raise ConfigError(
+                "model.task",
+                f"model.task={task.name} needs a model with a {task.needs} form; "
+                f"{cfg.model.name} ({hf_config(cfg.model).model_type}) has "
+                + (", ".join(forms) if forms else "neither (an encoder)")
+                + "; allowed for it: "
+                + ", ".join(
+                    n
+                    for n, t in sorted(tasks.TASKS.items())
+                    if t.modality == family and (not t.needs or getattr(layout.family, t.needs))
+                ),
+            )
         return
     model_type = hf_config(cfg.model).model_type
     fitting = sorted(name for name, t in tasks.TASKS.items() if t.modality == family)

@@ -29,7 +29,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -758,6 +758,7 @@ def _evaluate(run: Run, current: PhaseEngine, *, final_step: int | None = None) 
         task=run.task,
         confusion=final,
         per_example=examples if final and not run.test_batches else None,
+        generate=_generation(run, current.engine),
     )
     for prefix, batches in run.extra_evals.items():
         scores.update(evaluate(current.engine, batches, task=run.task, prefix=prefix))
@@ -767,6 +768,20 @@ def _evaluate(run: Run, current: PhaseEngine, *, final_step: int | None = None) 
         run.final_eval = FinalEval(final_step, dict(scores), examples)
         scores.pop("eval_confusion", None)  # (reported at the end, not at every step)
     return scores
+
+
+def _generation(run: Run, engine: Any) -> Any:
+    """For a task that generates (seq2seq): its per-example generation sums of a batch,
+    from the model inside the engine (all ranks generate in step); None otherwise."""
+    if not run.task.generates:
+        return None
+    task = cast(tasks.Generating, run.task)
+    return partial(
+        task.generation_sums,
+        objectives.unwrap(engine.module),
+        tokenizer=run.tokenizer,
+        max_new_tokens=run.cfg.eval.max_new_tokens,
+    )
 
 
 def _task_scores(run: Run, engine: Any, main_accuracy: float) -> dict[str, Any]:
@@ -911,6 +926,7 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
             task=run.task,
             confusion=True,
             per_example=None if run.test_batches else examples,
+            generate=_generation(run, engine),
         )
         for prefix, batches in run.extra_evals.items():
             scores.update(evaluate(engine, batches, task=run.task, prefix=prefix))
@@ -929,6 +945,7 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
                 prefix="test",
                 confusion=True,
                 per_example=examples,
+                generate=_generation(run, engine),
             )
         )
     if run.source_batches:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -124,6 +123,19 @@ def read(
     path = Path(name).expanduser()
     if cfg.image_field in fields:  # the task reads images: a folder or a listing of paths
         return _read_images(path, cfg, fields, key=key, forbid=forbid, select=select)
+    return _read_file(path, name, cfg, fields, key=key, forbid=forbid, select=select)
+
+
+def _read_file(
+    path: Path,
+    name: str,
+    cfg: DataConfig,
+    fields: tuple[str, ...],
+    *,
+    key: str,
+    forbid: tuple[str, ...],
+    select: Select,
+) -> list[dict[str, str]]:
     if not path.is_file():
         raise ConfigError(key, f"{name} does not exist or is not a file")
     reader = READERS.get(path.suffix.lower())
@@ -170,14 +182,7 @@ def _read_images(
                 f"{path}: images come from a folder (root/<label>/*.png) or a .jsonl/.csv "
                 f"listing with a {cfg.image_field!r} column",
             )
-        records = read(
-            str(path),
-            dataclasses.replace(cfg, task="classification"),
-            fields,
-            key=key,
-            forbid=forbid,
-            select=select,
-        )
+        records = _read_file(path, str(path), cfg, fields, key=key, forbid=forbid, select=select)
         records = images.resolve(records, path, cfg.image_field)
     images.check_images([{"image": r[cfg.image_field]} for r in records], key=key)
     return records

@@ -163,7 +163,7 @@ class Preprocess:
         from PIL import Image
 
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            rgb = _rgb(image)
         if rng is not None:
             rgb = self._random_crop(rgb, rng)
         else:
@@ -206,6 +206,18 @@ class Preprocess:
         out_h, out_w = self.size
         image = image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
         return ImageOps.mirror(image) if rng.random() < 0.5 else image
+
+
+def _rgb(image: Any) -> Any:
+    """RGB, transparency composited onto white (as transformers' convert_to_rgb does:
+    an icon's transparent background is white, not whatever colour lies under it)."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _centre_crop(image: Any, size: tuple[int, int]) -> Any:

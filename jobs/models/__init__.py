@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from conf.schema import ConfigError, ModelConfig
+from jobs.models import torch_vision  # (registers the plain PyTorch backbones)
 from jobs.models.families import Family, Layout, family_of
 
 __all__ = [
@@ -129,6 +130,8 @@ def _converted_gguf(src: str, gguf_file: str) -> Path:
 def weights_dir(cfg: ModelConfig) -> str:
     """A directory (or hub id) that plain ``from_pretrained`` reads."""
     src, gguf_file = resolve_source(cfg)
+    if cfg.package in torch_vision.PACKAGES:  # a plain PyTorch checkpoint, converted once
+        return str(torch_vision.convert(cfg.package, cache_dir() / "models"))
     return str(_converted_gguf(src, gguf_file)) if gguf_file else src
 
 
@@ -252,6 +255,8 @@ def build(
     For classification, ``labels`` sets a new head of len(labels) outputs, with the label
     map stored in the model's config so the export carries it.
     """
+    from jobs import tasks
+
     config = hf_config(cfg)
     if family_of(config).modality == "image":
         tokenizer = build_image_processor(cfg, config)
@@ -259,12 +264,20 @@ def build(
         tokenizer = build_tokenizer(cfg)
         config = hf_config(cfg, tokenizer)  # (an architecture's vocabulary: the tokenizer's)
         config.pad_token_id = tokenizer.pad_token_id
+        if cfg.arch is not None:  # no checkpoint to say how generation starts and stops
+            config.eos_token_id = tokenizer.eos_token_id
+            if config.is_encoder_decoder:
+                config.decoder_start_token_id = tokenizer.pad_token_id
     dtype = getattr(torch, cfg.dtype)
     auto = model_class(cfg, config, labels)
 
     torch.manual_seed(seed)  # same head init (and same scratch weights) on every rank
     if cfg.pretrained and cfg.arch is None:
-        model = auto.from_pretrained(weights_dir(cfg), config=config, dtype=dtype)
+        # A new head of len(labels) outputs replaces the checkpoint's own (ImageNet's).
+        new_head = tasks.get(cfg).new_head
+        model = auto.from_pretrained(
+            weights_dir(cfg), config=config, dtype=dtype, ignore_mismatched_sizes=new_head
+        )
     else:
         model = auto.from_config(config, dtype=dtype)
     if cfg.activation_checkpointing:

@@ -31,6 +31,11 @@ class Family:
     num_blocks_attrs: tuple[str, ...] = ("num_hidden_layers",)
     # A decoder: the family has a causal LM form (an LM head can predict the next token).
     causal_lm: bool = False
+    # An encoder-decoder (T5, BART): the seq2seq form.
+    encoder_decoder: bool = False
+    # Modules that belong to the last block of a block list (by its index in ``blocks``):
+    # an encoder's final norm trains, and freezes, with the encoder's top block.
+    after_blocks: tuple[tuple[str, int], ...] = ()
     # When the block count is not a config attribute (a list of stages, repeats scaled
     # by a depth multiplier): a function of the HF config.
     count: Callable[[Any], int] | None = None
@@ -108,6 +113,35 @@ _EFFICIENTNET = Family(
     count=_efficientnet_blocks,
 )
 
+# Encoder-decoders: the encoder's blocks, then the decoder's (the top blocks are the
+# decoder's last). The shared token embedding is the embeddings; T5 ties its LM head to it.
+_T5 = Family(
+    blocks=("encoder.block", "decoder.block"),
+    embeddings=("shared", "encoder.embed_tokens", "decoder.embed_tokens"),
+    heads=("lm_head",),
+    lora_targets=("q", "k", "v", "o"),
+    num_blocks_attrs=("num_layers", "num_decoder_layers"),
+    encoder_decoder=True,
+    after_blocks=(("encoder.final_layer_norm", 0),),
+)
+_BART = Family(
+    blocks=("model.encoder.layers", "model.decoder.layers"),
+    embeddings=(
+        "model.shared",
+        "model.encoder.embed_tokens",
+        "model.decoder.embed_tokens",
+        "model.encoder.embed_positions",
+        "model.decoder.embed_positions",
+        "model.encoder.layernorm_embedding",
+        "model.decoder.layernorm_embedding",
+    ),
+    heads=("lm_head", "final_logits_bias"),
+    lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+    num_blocks_attrs=("encoder_layers", "decoder_layers"),
+    encoder_decoder=True,
+    after_blocks=(("model.encoder.layer_norm", 0),),  # (pre-norm variants: mBART)
+)
+
 FAMILIES: dict[str, Family] = {
     "llama": _DECODER,
     "mistral": _DECODER,
@@ -119,6 +153,8 @@ FAMILIES: dict[str, Family] = {
     "resnet": _RESNET,
     "convnext": _CONVNEXT,
     "efficientnet": _EFFICIENTNET,
+    "t5": _T5,
+    "bart": _BART,
 }
 
 
@@ -142,6 +178,9 @@ class Location:
 def locate(name: str, family: Family, num_blocks_per_list: tuple[int, ...]) -> Location:
     """Place a parameter by its qualified name (peft wrappers included)."""
     name = name.removeprefix(_PEFT_PREFIX)
+    for path, which in family.after_blocks:
+        if name.startswith(path + "."):
+            return Location("block", sum(num_blocks_per_list[: which + 1]) - 1)
     offset = 0
     for path, count in zip(family.blocks, num_blocks_per_list, strict=True):
         match = re.match(rf"{re.escape(path)}\.(\d+)\.", name)

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conf.schema import ConfigError, TermConfig
-from jobs.evaluate import inputs
 from jobs.objectives.args import check_keys, is_number
+from jobs.tasks.common import model_inputs
 
 ARGS = {"teacher", "alpha", "temperature"}
 
@@ -144,7 +144,7 @@ class Teacher(nn.Module):
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            out = self.model(**inputs(batch))
+            out = self.model(**model_inputs(batch))
         logits = out.logits.float()
         return logits[..., self.order] if self.order is not None else logits
 

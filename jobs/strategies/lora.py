@@ -37,6 +37,7 @@ def target_regex(layout: Layout, targets: list[str] | tuple[str, ...], k: int | 
 _TASK_TYPES = {
     "SequenceClassification": peft.TaskType.SEQ_CLS,
     "CausalLM": peft.TaskType.CAUSAL_LM,
+    "ConditionalGeneration": peft.TaskType.SEQ_2_SEQ_LM,  # T5, BART
 }
 
 

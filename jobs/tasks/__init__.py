@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from conf.schema import DataConfig, ModelConfig
-from jobs.tasks import causal_lm, image_classification, sequence_classification
+from jobs.tasks import causal_lm, image_classification, seq2seq, sequence_classification
 
 
 class Task(Protocol):
@@ -26,6 +26,10 @@ class Task(Protocol):
     new_head: bool
     # What the model reads: "text" (a tokenizer) or "image" (an image processor).
     modality: str
+    # The model form it needs, a Family flag ("causal_lm", "encoder_decoder"; "" = any).
+    needs: str
+    # Evaluation also generates (``generation_sums``: exact match, ROUGE-L).
+    generates: bool
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         """The transformers Auto class; sets what the HF config needs (label map)."""
@@ -45,6 +49,9 @@ class Task(Protocol):
     def collate(self, examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]: ...
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's keys the model reads to score it (evaluation, a teacher)."""
 
     def scored_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The rows of ``logits`` the loss scores, one per prediction: [N, classes]
@@ -78,10 +85,20 @@ class Task(Protocol):
         """A batch of this shape: random ids (or zeros on the meta device, for tracing)."""
 
 
+class Generating(Task, Protocol):
+    """A task whose evaluation also generates (``generates`` is true)."""
+
+    def generation_sums(
+        self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any, *, max_new_tokens: int
+    ) -> torch.Tensor:
+        """Only where ``generates``: per example sums of generated outputs, [B, k]."""
+
+
 TASKS: dict[str, Task] = {
     "sequence_classification": sequence_classification.TASK,
     "causal_lm": causal_lm.TASK,
     "image_classification": image_classification.TASK,
+    "seq2seq": seq2seq.TASK,
 }
 
 # data.task (the record format) -> the model task that trains on it.

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from conf.schema import DataConfig
-from jobs.tasks.common import IGNORE_INDEX, pad_ids
+from jobs.tasks.common import IGNORE_INDEX, model_inputs, pad_ids
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
@@ -36,6 +36,8 @@ class CausalLM:
     peft_task_type = "CAUSAL_LM"
     new_head = False
     modality = "text"
+    needs = "causal_lm"
+    generates = False
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         return AutoModelForCausalLM
@@ -82,6 +84,9 @@ class CausalLM:
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs.loss
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return model_inputs(batch)
 
     def scored_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # token t predicts t+1; only target tokens (responses, for instruction data)

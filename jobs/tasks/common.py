@@ -12,6 +12,12 @@ IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 EPOCH_SEED = "epoch_seed"
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model reads from a batch to score it (token ids and mask, pixel values):
+    all but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 def pad_ids(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids and attention_mask, right-padded to the longest example."""
     width = max(len(e["input_ids"]) for e in examples)

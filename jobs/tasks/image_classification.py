@@ -48,6 +48,8 @@ class ImageClassification(SequenceClassification):
     peft_task_type = ""
     new_head = True
     modality = "image"
+    needs = ""
+    generates = False
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         super().auto_class(config, labels)  # the label map

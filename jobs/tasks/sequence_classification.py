@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from conf.schema import ConfigError, DataConfig
-from jobs.tasks.common import pad_ids
+from jobs.tasks.common import model_inputs, pad_ids
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
@@ -39,6 +39,8 @@ class SequenceClassification:
     peft_task_type = "SEQ_CLS"
     new_head = True
     modality = "text"
+    needs = ""
+    generates = False
 
     def auto_class(self, config: Any, labels: list[str] | None) -> Any:
         if not labels:
@@ -100,6 +102,9 @@ class SequenceClassification:
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return outputs.loss
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return model_inputs(batch)
 
     def scored_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return logits  # one row per example

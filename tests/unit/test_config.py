@@ -26,6 +26,8 @@ NEEDS = {
     # Vision models read an image folder.
     ("model", "tiny_vit"): ["data=image_folder", "data.path=/tmp/images"],
     ("model", "tiny_resnet"): ["data=image_folder", "data.path=/tmp/images"],
+    ("model", "efficientnet_lite0"): ["data=image_folder", "data.path=/tmp/images"],
+    ("model", "tiny_t5"): ["data=wordnet_instruct"],
     ("data", "image_folder"): ["data.path=/tmp/images", "model=tiny_vit"],
 }
 TASK_OF_DATA = {"wordnet_instruct": "smollm2_135m"}

@@ -238,3 +238,27 @@ def test_augment_on_text_and_text_sources_for_images_are_refused() -> None:
         compose(["model=tiny_bert", "data=stdlib_docs", "data.augment=true"]).check()
     with pytest.raises(ConfigError, match="data.source: stdlib_docs is text"):
         compose(["model=tiny_vit", "data=stdlib_docs", "data.task=image_classification"]).check()
+
+
+def test_a_jsonl_listing_with_its_own_field_names_loads_like_a_folder(tmp_path: Path) -> None:
+    from jobs import data as data_lib
+    from jobs import tasks
+
+    root = _many(tmp_path / "photos", per_class=4)
+    listing = tmp_path / "all.jsonl"
+    rows = [
+        {"file": f"photos/{label}/{i}.png", "kind": label}
+        for label in ("red", "blue", "green")
+        for i in range(4)
+    ]
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _compose(listing, "data.image_field=file", "data.label_field=kind")
+    dataset = data_lib.load(cfg.data, tasks.get(cfg.model))
+    folder = data_lib.load(_compose(root).data, tasks.get(cfg.model))
+    assert dataset.labels == folder.labels == ["blue", "green", "red"]
+    assert sorted(r["image"] for r in dataset.train + dataset.eval) == sorted(
+        str(Path(r["image"]).resolve()) for r in folder.train + folder.eval
+    )
+    listing.write_text(json.dumps({"file": "photos/red/missing.png", "kind": "red"}) + "\n")
+    with pytest.raises(ConfigError, match="missing.png: no such image file"):
+        data_lib.load(cfg.data, tasks.get(cfg.model))

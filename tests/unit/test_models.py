@@ -114,3 +114,54 @@ def test_vision_parameters_are_placed_by_name(model_type: str) -> None:
             assert where.kind in ("embeddings", "head"), name
     assert seen == set(range(layout.num_blocks))
     assert any(layout.locate(n).kind == "head" for n, _ in model.named_parameters())
+
+
+# Tiny encoder-decoders: the encoder's blocks come first, then the decoder's.
+SEQ2SEQ = {
+    "t5": {
+        "d_model": 32,
+        "d_ff": 64,
+        "d_kv": 8,
+        "num_heads": 2,
+        "num_layers": 2,
+        "num_decoder_layers": 3,
+    },
+    "bart": {
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 3,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "vocab_size": 300,
+    },
+}
+_ENCODER = {"t5": "encoder.block", "bart": "model.encoder.layers"}
+_DECODER = {"t5": "decoder.block", "bart": "model.decoder.layers"}
+
+
+@pytest.mark.parametrize("model_type", sorted(SEQ2SEQ))
+def test_encoder_decoder_parameters_are_placed_by_name(model_type: str) -> None:
+    """Encoder blocks 0..1, decoder blocks 2..4; the encoder's final norm goes with its
+    top block (frozen with it); the decoder's final norm sits above every block."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = hf_config(
+        ModelConfig(name="s", arch={"model_type": model_type, **SEQ2SEQ[model_type]})
+    )
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    layout = Layout.of(config)
+    assert layout.blocks_per_list == (2, 3) and layout.family.encoder_decoder
+    kinds: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        where = layout.locate(name)
+        for prefix, offset in ((_ENCODER[model_type], 0), (_DECODER[model_type], 2)):
+            if name.startswith(prefix + "."):
+                index = int(name[len(prefix) + 1 :].split(".")[0])
+                assert where == Location("block", offset + index), name
+        kinds.setdefault(where.kind, set()).add(name)
+    assert kinds["embeddings"] and "block" in kinds
+    if model_type == "t5":
+        assert layout.locate("encoder.final_layer_norm.weight") == Location("block", 1)
+        assert layout.locate("decoder.final_layer_norm.weight") == Location("other")

@@ -1,10 +1,11 @@
-"""Image classification on a real local Ray with real DeepSpeed over gloo, 2 workers: a
-tiny ViT and a tiny ResNet (random init from configs) on an image folder, under ZeRO-2
-and ZeRO-3, with every strategy that makes sense for a vision backbone. Each export is
-loaded with plain transformers (or peft) and scored again; the parameters each strategy
-froze are compared with the model the run started from.
+"""Model families beyond the text encoders and decoders, on a real local Ray with real
+DeepSpeed over gloo, 2 workers, under ZeRO-2 and ZeRO-3: image classification (a tiny
+ViT and a tiny ResNet on an image folder) and seq2seq (a tiny T5 on prompt/response
+pairs), each with the strategies that make sense for it. Each export is loaded with
+plain transformers (or peft) and scored again; the parameters each strategy froze are
+compared with the model the run started from.
 
-    pytest tests/integration/test_vision.py
+    pytest tests/integration/test_families.py
 
 All runs share one Ray Train gang (``run_many``).
 """
@@ -12,6 +13,7 @@ All runs share one Ray Train gang (``run_many``).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,12 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+)
 
 from conf.schema import FinetuneConfig
 from jobs import data as data_lib
@@ -28,6 +35,7 @@ from jobs.config import compose
 from jobs.evaluate import evaluate
 from jobs.finetune import run_many
 from jobs.models import build
+from tests.conftest import tiny_overrides
 from tests.integration.test_finetune import _event, _losses
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
@@ -90,6 +98,29 @@ RUNS = {
 }
 
 
+T5_RUNS = {
+    "t5-full-zero2": ["deepspeed=zero2", "strategy=full"],
+    # adapters on q/k/v/o of every encoder and decoder block
+    "t5-lora-zero3": ["deepspeed=zero3", "strategy=lora", "strategy.lora.r=8", "train.lr=3e-2"],
+    # the top 2 of 4 blocks: the decoder's (the encoder and the shared embedding frozen)
+    "t5-freeze-zero3": [
+        "deepspeed=zero3",
+        "strategy=freeze_depth",
+        "strategy.num_trainable_blocks=2",
+        "train.lr=2e-2",
+    ],
+}
+
+
+def t5_overrides(data_dir: Path) -> list[str]:
+    return tiny_overrides(data_dir, model="tiny_t5") + [
+        "train.max_steps=36",
+        "train.eval_every=18",
+        "train.checkpoint_every=18",
+        "eval.max_new_tokens=12",
+    ]
+
+
 @pytest.fixture(scope="module")
 def gang(
     tmp_path_factory: pytest.TempPathFactory, data_dir: Path, ray_2cpus: None
@@ -98,6 +129,7 @@ def gang(
     runs = {
         name: vision_overrides(data_dir, model) + extra for name, (model, extra) in RUNS.items()
     }
+    runs |= {name: t5_overrides(data_dir) + extra for name, extra in T5_RUNS.items()}
     order = sorted(runs, key=lambda name: "zero3" in name)  # ZeRO-3 last (see test_finetune)
     cfgs = {
         name: compose(runs[name] + [f"run.output_dir={out}", f"run.name={name}"]) for name in order
@@ -220,3 +252,70 @@ def test_progressive_unfreezes_vit_blocks_in_phases(gang: dict[str, Any]) -> Non
         if n.startswith(("vit.layers.0.", "vit.layers.1.", "vit.embeddings"))
     )
     assert all(c for n, c in changed.items() if n.startswith(("vit.layers.3.", "classifier")))
+
+
+# ------------------------------------------------------------------------------ seq2seq
+def score_seq2seq_export(export_dir: Path, cfg: FinetuneConfig) -> dict[str, Any]:
+    """The eval metrics (generation included) of the exported model in plain transformers."""
+    adapter = export_dir / "adapter"
+    if adapter.is_dir():
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), adapter)
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(export_dir)
+        tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    task = tasks.get(cfg.model)
+    encoded = task.encode(data_lib.load(cfg.data, task).eval, tokenizer, cfg.data, None)
+    batches = data_lib.eval_batches(
+        encoded,
+        rank=0,
+        world_size=1,
+        micro_batch_size=8,
+        pad_id=tokenizer.pad_token_id,
+        collate_fn=task.collate,
+    )
+    model.eval()
+    generate = partial(
+        task.generation_sums, model, tokenizer=tokenizer, max_new_tokens=cfg.eval.max_new_tokens
+    )
+    return evaluate(model, batches, task=task, generate=generate)
+
+
+@pytest.mark.parametrize("name", list(T5_RUNS))
+def test_t5_learns_the_targets_and_the_export_generates_the_same(
+    gang: dict[str, Any], name: str
+) -> None:
+    cfg, records, run_dir = gang[name]
+    end = _event(records, "end")
+    losses = list(_losses(records).values())
+    assert sum(losses[-3:]) / 3 < losses[0] / 2, f"train loss did not fall: {losses}"
+    assert _event(records, "baseline")["eval_loss"] - end["eval_loss"] > 1.0
+    evals = [r for r in records if "eval_rougeL" in r]
+    assert evals[-1]["eval_rougeL"] > evals[0]["eval_rougeL"]  # generation improved too
+    assert end["eval_exact_match"] >= 0.3 and end["eval_rougeL"] >= end["eval_exact_match"]
+    scored = score_seq2seq_export(run_dir / "export", cfg)
+    assert scored["eval_loss"] == pytest.approx(end["eval_loss"], rel=1e-4)
+    assert scored["eval_exact_match"] == end["eval_exact_match"]
+    assert scored["eval_rougeL"] == pytest.approx(end["eval_rougeL"], rel=1e-6)
+
+
+def test_t5_freeze_depth_trains_the_decoder_top_and_keeps_the_encoder(
+    gang: dict[str, Any],
+) -> None:
+    cfg, _, run_dir = gang["t5-freeze-zero3"]
+    start, _ = build(cfg.model, seed=cfg.train.seed)
+    end = load_file(run_dir / "export" / "model.safetensors")
+    changed = {n: not torch.equal(t, end[n]) for n, t in start.state_dict().items() if n in end}
+    assert changed
+    assert not any(c for n, c in changed.items() if n.startswith(("encoder.", "shared")))
+    assert all(c for n, c in changed.items() if n.startswith("decoder.block."))
+
+
+def test_t5_lora_adapts_encoder_and_decoder_attention(gang: dict[str, Any]) -> None:
+    _, _, run_dir = gang["t5-lora-zero3"]
+    saved = load_file(run_dir / "export" / "adapter" / "adapter_model.safetensors")
+    assert saved and all("lora_" in n for n in saved)
+    adapted = {n.split(".lora_")[0].removeprefix("base_model.model.") for n in saved}
+    assert {a.split(".")[0] for a in adapted} == {"encoder", "decoder"}
+    assert {a.rsplit(".", 1)[-1] for a in adapted} == {"q", "k", "v", "o"}
