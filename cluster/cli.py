@@ -107,6 +107,46 @@ def sweep(
     _run("sweep", overrides, show_config=cfg, quiet=quiet)
 
 
+@app.command("eval")
+def eval_(
+    kind: Annotated[
+        str, typer.Argument(help="zero_shot or few_shot: the pretrained model, no training.")
+    ],
+    overrides: Overrides = None,
+    cfg: Annotated[
+        bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
+    ] = False,
+) -> None:
+    """Score the validation (and test) split with a model that trains nothing: a causal
+    LM by label likelihood after eval.templates, an encoder by embedding similarity
+    (few_shot: eval.shots training examples per label). No Ray. Writes
+    runs/<model>-<data>-<kind>-<hash>/metrics.jsonl."""
+    from conf.schema import ConfigError
+    from jobs import zeroshot
+    from jobs.config import to_yaml
+
+    if kind not in zeroshot.KINDS:
+        err.print(f"[red]error:[/red] {kind!r}: graft eval takes {' or '.join(zeroshot.KINDS)}")
+        raise typer.Exit(2)
+    given = list(overrides or [])
+    config = None
+    # Classification data is scored whatever head model.task would train (a causal LM
+    # is set up for causal_lm); other data gets the baseline's own error below.
+    if not any(o.split("=", 1)[0].lstrip("+") == "model.task" for o in given):
+        from jobs.config import compose
+
+        try:
+            config = compose([*given, "model.task=sequence_classification"])
+        except Exception:
+            config = None
+    config = config or _compose(given, "finetune")
+    if cfg:
+        typer.echo(to_yaml(config))
+        return
+    with exits(ConfigError):
+        zeroshot.run(config, kind)
+
+
 def _run(kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bool) -> None:
     """`graft finetune|sweep`: compose, print (--cfg) or run here; errors exit 2."""
     from conf.schema import ConfigError

@@ -430,7 +430,29 @@ class RunConfig:
 SAMPLERS = ("tpe", "random", "qmc")
 SCHEDULERS = ("stratified", "asha", "hyperband", "none")
 PARAM_TYPES = ("int", "float", "log_float", "categorical")
-BASELINES = ("none", "scratch", "linear_probe", "both")
+# Reference runs beside the best trial (sweep.baseline: one, a list, or none/both/all).
+BASELINES = ("scratch", "linear_probe", "zero_shot", "few_shot")
+BASELINE_SETS = {
+    "none": (),
+    "both": ("scratch", "linear_probe"),
+    "all": BASELINES,
+}
+
+
+def baseline_kinds(value: Any, key: str = "sweep.baseline") -> list[str]:
+    """``sweep.baseline`` as a list of kinds: a kind, a list of kinds, or a set's name."""
+    if isinstance(value, str) and value in BASELINE_SETS:
+        return list(BASELINE_SETS[value])
+    kinds = [value] if isinstance(value, str) else list(value or [])
+    allowed = f"allowed: one of {list(BASELINES)}, a list of them, or {' / '.join(BASELINE_SETS)}"
+    for kind in kinds:
+        if kind not in BASELINES:
+            raise ConfigError(key, f"{kind!r} is not a baseline; {allowed}")
+    if len(set(kinds)) != len(kinds):
+        raise ConfigError(key, f"{kinds} names a baseline twice; {allowed}")
+    return kinds
+
+
 # What a trial reports and a study can optimize; eval_* come from the job's evals.
 # A multi-task run's per-task metrics, or their mean: eval_accuracy/<task>, .../mean.
 PER_TASK_METRIC = re.compile(r"eval_(loss|accuracy|macro_f1|perplexity)/[A-Za-z0-9_-]+")
@@ -511,7 +533,9 @@ class SweepConfig:
     # Reference runs: scratch (random init, every weight) and/or linear_probe (frozen
     # backbone + head), each with its own small lr search (the best trial's lr times
     # each multiplier) at the full train.max_steps; the best on validation is reported.
-    baseline: str = "none"
+    # zero_shot / few_shot: the pretrained model with no training (jobs/zeroshot.py;
+    # eval.templates, eval.shots). A list takes several: [scratch, zero_shot].
+    baseline: Any = "none"
     scratch_lr_mults: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0])
     probe_lr_mults: list[float] = field(default_factory=lambda: [3.0, 10.0, 30.0])
     # When the best of a baseline's grid is at its lowest or highest lr, try up to this
@@ -555,7 +579,7 @@ class SweepConfig:
                 "sweep.objectives[0].metric",
                 f"the first objective drives pruning and must be an eval metric (eval_loss, eval_accuracy), got {self.objectives[0].metric}",
             )
-        _one_of("sweep.baseline", self.baseline, BASELINES)
+        baseline_kinds(self.baseline)
         _non_negative("sweep.negative_transfer_margin", self.negative_transfer_margin)
         _non_negative("sweep.weak_transfer_margin", self.weak_transfer_margin)
         _non_negative("sweep.min_peers", self.min_peers)
@@ -586,9 +610,52 @@ class EvalConfig:
     # model.task=seq2seq: evaluation generates each response (greedy) up to this many
     # tokens for exact match and ROUGE-L.
     max_new_tokens: int = 32
+    # Zero- and few-shot baselines (jobs/zeroshot.py; `graft eval zero_shot|few_shot`,
+    # sweep.baseline). A causal LM scores each label's words after each template (the
+    # mean token log-probability, averaged over the templates); {text} is the example,
+    # {label} the label's words and comes last (only text after it may follow).
+    templates: list[str] = field(default_factory=lambda: ["{text}\nCategory: {label}"])
+    # The words a label is scored as; a label not named here is its own name with
+    # . _ - as spaces (noun.animal -> "noun animal").
+    # (typed Any: a whole mapping given on the command line replaces null,
+    # eval.label_names="{noun.animal: animal}"; a typed empty dict would refuse new keys)
+    label_names: Any = None
+    # few_shot: training examples per label, seeded (train.seed): in the causal LM's
+    # prompt (shuffled), or averaged into an encoder's class centroids.
+    shots: int = 1
+    # A causal LM's label scores minus its scores on a content-free input ("N/A"):
+    # contextual calibration, against the bias toward some labels' words whatever the
+    # text (Zhao et al. 2021, "Calibrate before use").
+    calibrate: bool = True
 
     def check(self) -> None:
         _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.shots", self.shots)
+        if not self.templates:
+            raise ConfigError(
+                "eval.templates", "needs at least one template with {text} and {label}"
+            )
+        for i, template in enumerate(self.templates):
+            key = f"eval.templates[{i}]"
+            for slot in ("{text}", "{label}"):
+                if template.count(slot) != 1:
+                    raise ConfigError(
+                        key,
+                        f"{template!r} must hold {slot} exactly once (found "
+                        f"{template.count(slot)}); e.g. '{{text}}\\nCategory: {{label}}'",
+                    )
+            if template.index("{text}") > template.index("{label}"):
+                raise ConfigError(
+                    key, f"{template!r}: {{label}} must come after {{text}} (it is scored last)"
+                )
+        if self.label_names is not None and not isinstance(self.label_names, dict):
+            raise ConfigError(
+                "eval.label_names",
+                f"must map labels to words, e.g. {{noun.animal: animal}}; got {self.label_names!r}",
+            )
+        for label, words in (self.label_names or {}).items():
+            if not str(words).strip():
+                raise ConfigError(f"eval.label_names.{label}", "must be non-empty words")
 
 
 @dataclass
@@ -645,6 +712,13 @@ class FinetuneConfig:
             group.check()
         if self.sweep is not None:
             self.sweep.check()
+            unscored = {"zero_shot", "few_shot"} & set(baseline_kinds(self.sweep.baseline))
+            if unscored and self.data.task != "classification":
+                raise ConfigError(
+                    "sweep.baseline",
+                    f"{sorted(unscored)} score labels: they need data.task=classification, "
+                    f"got {self.data.task}; allowed here: scratch, linear_probe",
+                )
             for i, objective in enumerate(self.sweep.objectives):
                 if objective.metric.startswith("forgotten") and not self.eval.source_path:
                     raise ConfigError(

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 METRICS = "metrics.jsonl"
+# One row of eval sums per example of a split (the sweep's paired bootstrap reads them).
+EXAMPLE_SUMS = "example_sums_{split}.pt"
 
 
 def read(run_dir: Path) -> list[dict[str, Any]]:

@@ -43,9 +43,16 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from rich.console import Console
 
-from conf.schema import ConfigError, FinetuneConfig, ParamSpec, StrategyConfig, SweepConfig
+from conf.schema import (
+    ConfigError,
+    FinetuneConfig,
+    ParamSpec,
+    StrategyConfig,
+    SweepConfig,
+    baseline_kinds,
+)
 from jobs import config as config_lib
-from jobs import runlog
+from jobs import runlog, zeroshot
 from jobs import space as space_lib
 from jobs import study as study_lib
 from jobs.preflight import preflight
@@ -101,6 +108,12 @@ def check(cfg: FinetuneConfig) -> tuple[dict[str, ParamSpec], int]:
     if sweep is None:
         raise ConfigError("sweep", "missing: compose with config_name='sweep' (graft sweep)")
     facts = preflight(cfg)
+    for kind in baseline_kinds(sweep.baseline):
+        if kind in zeroshot.KINDS:
+            try:
+                zeroshot.check(cfg, kind)
+            except ConfigError as e:
+                raise ConfigError("sweep.baseline", f"{kind}: {e}") from None
     space = space_lib.check_space(cfg, num_blocks=facts.num_blocks)
     evals = space_lib.evaluations(cfg)
     if sweep.scheduler == "stratified" and sweep.stratify_by is not None:
@@ -627,8 +640,12 @@ def baseline_config(
     )
 
 
+def _named(cfg: FinetuneConfig, name: str) -> FinetuneConfig:
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
+
+
 def _write_run(run_dir: Path, cfg: FinetuneConfig, name: str) -> FinetuneConfig:
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
+    cfg = _named(cfg, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
     return cfg
@@ -671,7 +688,14 @@ def run_baselines(
     (every lr tried) added."""
     sweep = cfg.sweep
     assert sweep is not None
-    kinds = {"none": [], "both": ["scratch", "linear_probe"]}.get(sweep.baseline, [sweep.baseline])
+    results: dict[str, dict[str, Any]] = {}
+    wanted = baseline_kinds(sweep.baseline)
+    for kind in (k for k in wanted if k in zeroshot.KINDS):  # no training: here, in order
+        zcfg = space_lib.apply(space_lib.full_base(cfg), space, best.params)
+        run_dir = sweep_dir / "baselines" / kind
+        end = zeroshot.run(_named(zcfg, kind), kind, run_dir=run_dir)
+        results[kind] = {**end, "run_dir": str(run_dir)}
+    kinds = [k for k in wanted if k not in zeroshot.KINDS]
     grids = {
         kind: sorted(sweep.scratch_lr_mults if kind == "scratch" else sweep.probe_lr_mults)
         for kind in kinds
@@ -703,7 +727,6 @@ def run_baselines(
             pools.get().run_all(todo)
         elif round_ > 0:
             break
-    results: dict[str, dict[str, Any]] = {}
     for kind in kinds:
         search = _search(tried[kind], primary.metric)
         if search:
@@ -793,7 +816,8 @@ def summarize(
             "trial_full_runs": spent / full_steps,
             "budget": sweep.budget,
             "retrain_full_runs": 1.0 if retrained else 0.0,
-            "baseline_full_runs": float(sum(len(b.get("search", [1])) for b in baselines.values())),
+            # (zero- and few-shot scoring trains nothing: no full runs)
+            "baseline_full_runs": float(sum(len(b.get("search", [])) for b in baselines.values())),
         }
     if complete is not None and complete < MIN_COMPLETE:
         summary["warning"] = (
@@ -838,6 +862,19 @@ def summarize(
             )
             if held_out is not None:
                 summary["transfer_gain_held_out"] = held_out
+    gains = {}
+    for kind in zeroshot.KINDS:  # what fine-tuning adds to the model that trains nothing
+        ref = baselines.get(kind)
+        if ref and primary.metric in ref:
+            gains[kind] = {"gain": sign * (reference - ref[primary.metric])}
+            if reference_dir and ref.get("run_dir"):
+                held_out = bootstrap_gain(
+                    cfg, Path(reference_dir), Path(ref["run_dir"]), primary.metric, sign
+                )
+                if held_out is not None:
+                    gains[kind]["held_out"] = held_out
+    if gains:
+        summary["gain_over_untrained"] = gains
     return summary
 
 
@@ -926,12 +963,7 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
         held = summary.get("transfer_gain_held_out")
         lines.append(
             f"transfer gain (best pretrained - scratch) on {metric}: {summary['transfer_gain']:+.4g}"
-            + (
-                f"; on {held['split']} ({held['n']} examples) {held['metric']} {held['gain']:+.4g}, "
-                f"95% CI [{held['ci95'][0]:+.4g}, {held['ci95'][1]:+.4g}]"
-                if held
-                else ""
-            )
+            + _held_out_text(held)
         )
         if summary["negative_transfer"]:
             lines.append(
@@ -943,6 +975,12 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
                 f"WEAK TRANSFER: the pretrained model beats random init by less than "
                 f"{summary['weak_margin']:g} on {metric}"
             )
+    for kind, gain in summary.get("gain_over_untrained", {}).items():
+        held = gain.get("held_out")
+        lines.append(
+            f"fine-tuning gain over {kind} (best - {kind}) on {metric}: {gain['gain']:+.4g}"
+            + _held_out_text(held)
+        )
     compute = summary.get("compute")
     if compute:
         lines.append(
@@ -952,6 +990,16 @@ def describe_summary(summary: dict[str, Any]) -> list[str]:
             + f", retrain {compute['retrain_full_runs']:g}, baselines {compute['baseline_full_runs']:g}"
         )
     return lines
+
+
+def _held_out_text(held: dict[str, Any] | None) -> str:
+    if not held:
+        return ""
+    low, high = held["ci95"]
+    return (
+        f"; on {held['split']} ({held['n']} examples) {held['metric']} {held['gain']:+.4g}, "
+        f"95% CI [{low:+.4g}, {high:+.4g}]"
+    )
 
 
 def _print_summary(summary: dict[str, Any], elapsed: float) -> None:

@@ -862,7 +862,7 @@ def save_checkpoint(run: Run, engine: Any, state: State) -> None:
 
 
 # --------------------------------------------------------------------------- finish
-EXAMPLE_SUMS = "example_sums_{split}.pt"
+EXAMPLE_SUMS = runlog.EXAMPLE_SUMS
 
 
 def _save_example_sums(run: Run, mine: list[torch.Tensor], split: str) -> None:

@@ -206,3 +206,22 @@ def test_sweep_cfg_prints_the_space() -> None:
     result = _cli("sweep", "--cfg", "sweep.num_trials=40")
     assert result.exit_code == 0, result.stderr
     assert "num_trials: 40" in result.stdout and "lora_rank:" in result.stdout
+
+
+def test_graft_eval_scores_with_no_training_and_refuses_a_template_without_label(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """`graft eval zero_shot|few_shot` trains nothing and needs no Ray; model.task is
+    set for classification data when not given."""
+    data = ["model=tiny_bert", "data=jsonl", f"data.path={data_dir / 'cls.jsonl'}"]
+    result = _cli("eval", "few_shot", *data, f"run.output_dir={tmp_path}", "eval.shots=3")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.startswith("tiny_bert-jsonl-few_shot-")
+    end = runlog.read(run_dir)[-1]
+    assert end["event"] == "end" and "eval_accuracy" in end and "few_shot done" in result.stdout
+    bad = _cli("eval", "zero_shot", *data, "eval.templates=['{text} means']")
+    assert bad.exit_code == 2 and "eval.templates[0]" in bad.stderr
+    assert "{label}" in bad.stderr and "Traceback" not in bad.stderr
+    other = _cli("eval", "ten_shot", *data)
+    assert other.exit_code == 2 and "zero_shot or few_shot" in other.stderr

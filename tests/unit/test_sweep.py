@@ -729,3 +729,58 @@ def test_a_loss_terms_knobs_are_sweep_parameters(data_dir: Path) -> None:
         with pytest.raises(ConfigError) as info:
             check(bad)
         assert info.value.key == "sweep.space.x.key" and says in str(info.value), str(info.value)
+
+
+def test_zero_and_few_shot_baselines_in_the_summary_with_the_gain_over_them(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """sweep.baseline=[zero_shot, few_shot]: scored on the driver with the best trial's
+    model and data (no gang, no lr search, no full runs counted), each in the summary
+    with the fine-tuned best's gain over it on validation and, paired, on test."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from jobs import runlog
+    from jobs.sweep import describe_summary, run_baselines
+
+    cfg = compose(
+        tiny_overrides(data_dir, task="classification", model="tiny_bert")
+        + ["data.test_fraction=0.2", "sweep.baseline=[zero_shot,few_shot]", "eval.shots=2"]
+        + ["sweep.objectives=[{metric:eval_accuracy,mode:max}]"],
+        config_name="sweep",
+    )
+    space, _ = check(cfg)
+    sweep_dir = tmp_path / "sweep"
+    best_dir = sweep_dir / "trials" / "0"
+    params = {"strategy": "full", "lr": 0.01, "lr_ratio": 1.0}
+    best = SimpleNamespace(
+        number=0, values=[0.95], params=params, user_attrs={"run_dir": str(best_dir)}
+    )
+    baselines = run_baselines(cfg, space, best, sweep_dir, pools=None)  # type: ignore[arg-type]
+    assert list(baselines) == ["zero_shot", "few_shot"]
+    zero = runlog.read(sweep_dir / "baselines" / "zero_shot")[-1]
+    assert (
+        zero["event"] == "end" and baselines["zero_shot"]["eval_accuracy"] == zero["eval_accuracy"]
+    )
+    # The best run: every test example right (its rows: the zero-shot run's, all correct).
+    rows = torch.load(
+        sweep_dir / "baselines" / "zero_shot" / runlog.EXAMPLE_SUMS.format(split="test")
+    )
+    rows[:, 2] = rows[:, 1]
+    best_dir.mkdir(parents=True)
+    torch.save(rows, best_dir / runlog.EXAMPLE_SUMS.format(split="test"))
+    log = runlog.RunLog(best_dir, enabled=True)
+    log.log({"event": "end", "step": 12, "eval_accuracy": 0.95, "test_accuracy": 1.0})
+    log.close()
+
+    summary = summarize(cfg, best, baselines, spent=24)
+    assert summary["compute"]["baseline_full_runs"] == 0
+    assert summary["baselines"]["few_shot"] == baselines["few_shot"]["eval_accuracy"]
+    gain = summary["gain_over_untrained"]["zero_shot"]
+    assert gain["gain"] == pytest.approx(0.95 - zero["eval_accuracy"])
+    assert gain["held_out"]["split"] == "test"
+    assert gain["held_out"]["gain"] == pytest.approx(1.0 - zero["test_accuracy"])
+    lines = "\n".join(describe_summary(summary))
+    assert "baseline zero_shot: eval_accuracy" in lines and "baseline few_shot" in lines
+    assert "fine-tuning gain over zero_shot (best - zero_shot) on eval_accuracy" in lines
