@@ -615,6 +615,11 @@ class EvalConfig:
     # mean token log-probability, averaged over the templates); {text} is the example,
     # {label} the label's words and comes last (only text after it may follow).
     templates: list[str] = field(default_factory=lambda: ["{text}\nCategory: {label}"])
+    # An image-text model (CLIP) embeds each label in these prompts (averaged):
+    # {label} once, no {text}.
+    image_templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {label}.", "an image of a {label}."]
+    )
     # The words a label is scored as; a label not named here is its own name with
     # . _ - as spaces (noun.animal -> "noun animal").
     # (typed Any: a whole mapping given on the command line replaces null,
@@ -647,6 +652,15 @@ class EvalConfig:
             if template.index("{text}") > template.index("{label}"):
                 raise ConfigError(
                     key, f"{template!r}: {{label}} must come after {{text}} (it is scored last)"
+                )
+        if not self.image_templates:
+            raise ConfigError("eval.image_templates", "needs at least one prompt with {label}")
+        for i, template in enumerate(self.image_templates):
+            if template.count("{label}") != 1 or "{text}" in template:
+                raise ConfigError(
+                    f"eval.image_templates[{i}]",
+                    f"{template!r} must hold {{label}} exactly once and no {{text}}, "
+                    "e.g. 'a photo of a {label}.'",
                 )
         if self.label_names is not None and not isinstance(self.label_names, dict):
             raise ConfigError(
@@ -713,10 +727,11 @@ class FinetuneConfig:
         if self.sweep is not None:
             self.sweep.check()
             unscored = {"zero_shot", "few_shot"} & set(baseline_kinds(self.sweep.baseline))
-            if unscored and self.data.task != "classification":
+            if unscored and self.data.task not in ("classification", "image_classification"):
                 raise ConfigError(
                     "sweep.baseline",
-                    f"{sorted(unscored)} score labels: they need data.task=classification, "
+                    f"{sorted(unscored)} score labels: they need labelled data "
+                    "(data.task=classification or image_classification), "
                     f"got {self.data.task}; allowed here: scratch, linear_probe",
                 )
             for i, objective in enumerate(self.sweep.objectives):

@@ -44,12 +44,18 @@ from conf.schema import ConfigError, FinetuneConfig
 from jobs import config as config_lib
 from jobs import data as data_lib
 from jobs import runlog, tasks
-from jobs.models import build_tokenizer, hf_config, resolve_source, weights_dir
+from jobs.models import (
+    build_image_processor,
+    build_tokenizer,
+    hf_config,
+    resolve_source,
+    weights_dir,
+)
 from jobs.models.families import family_of
 
 KINDS = ("zero_shot", "few_shot")
-# The data formats whose records carry a label to score (data.task).
-SCORABLE = ("classification",)
+# The labelled data format (data.task) a model of each modality scores.
+SCORABLE = {"text": ("classification",), "image": ("image_classification",)}
 # An encoder's cosine similarities become logits at this temperature (the usual one
 # for normalised sentence embeddings): it scales the loss, never the ranking.
 TEMPERATURE = 0.05
@@ -236,6 +242,61 @@ def encoder_scorer(
     return score
 
 
+# --------------------------------------------------------------------------- CLIP
+def clip_scorer(
+    cfg: FinetuneConfig, labels: list[str], shots: list[dict[str, str]] | None
+) -> Callable[[list[dict[str, str]]], torch.Tensor]:
+    """Image records -> [N, labels] logits of an image-text model: the image embedding
+    against each label's prompts (``eval.image_templates``, embedded and averaged), or
+    against class centroids of the shots' images (few-shot); times the model's own
+    logit scale, as CLIP scores."""
+    from transformers import CLIPModel
+
+    tokenizer = build_tokenizer(cfg.model)
+    processor = build_image_processor(cfg.model, hf_config(cfg.model))
+    model = _load(cfg, CLIPModel, tokenizer)
+    images = tasks.TASKS["image_classification"]
+    longest = int(model.config.text_config.max_position_embeddings)
+
+    def image_vectors(records: list[dict[str, str]]) -> torch.Tensor:
+        encoded = images.encode(records, processor, cfg.data, labels)
+        rows = []
+        with torch.no_grad():
+            for i in range(0, len(encoded), 32):
+                pixels = images.collate(encoded[i : i + 32], 0)["pixel_values"]
+                out = model.get_image_features(pixel_values=pixels.to(model.dtype))
+                rows.append(F.normalize(out.pooler_output.float(), dim=-1))
+        return torch.cat(rows)
+
+    if shots is None:
+        refs = []
+        with torch.no_grad():
+            for label in labels:
+                words = label_words(label, cfg.eval.label_names)
+                prompts = [fill(t, "", words) for t in cfg.eval.image_templates]
+                batch = tokenizer(
+                    prompts, padding=True, truncation=True, max_length=longest, return_tensors="pt"
+                )
+                out = model.get_text_features(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                )
+                refs.append(
+                    F.normalize(F.normalize(out.pooler_output.float(), dim=-1).mean(0), dim=-1)
+                )
+        reference = torch.stack(refs)
+    else:
+        vectors = image_vectors(shots)
+        index = torch.tensor([labels.index(r["label"]) for r in shots])
+        centroids = torch.stack([vectors[index == i].mean(0) for i in range(len(labels))])
+        reference = F.normalize(centroids, dim=-1)
+    scale = float(model.logit_scale.exp())
+
+    def score(records: list[dict[str, str]]) -> torch.Tensor:
+        return scale * image_vectors(records) @ reference.T
+
+    return score
+
+
 def _load(cfg: FinetuneConfig, auto: Any, tokenizer: Any) -> Any:
     """The model with its pretraining head (a causal LM's) or none (an encoder's), in
     eval mode: the checkpoint's weights, or the seeded random init model.pretrained=false
@@ -247,23 +308,19 @@ def _load(cfg: FinetuneConfig, auto: Any, tokenizer: Any) -> Any:
     if cfg.model.pretrained and cfg.model.arch is None:
         model = auto.from_pretrained(weights_dir(cfg.model), config=config, dtype=dtype)
     else:
-        model = auto.from_config(config, dtype=dtype)
+        # (a concrete class, CLIPModel, is built by calling it; an Auto class by from_config)
+        build = getattr(auto, "from_config", None) or auto._from_config
+        model = build(config, dtype=dtype)
     return model.eval()
 
 
 # --------------------------------------------------------------------------- the run
 def check(cfg: FinetuneConfig, kind: str) -> str:
     """Every reason the baseline cannot run, before any model is read: returns how the
-    model scores labels ("likelihood" or "similarity")."""
+    model scores labels ("likelihood", "similarity" or "contrastive")."""
     if kind not in KINDS:
         raise ConfigError(
             "kind", f"{kind!r} is not a baseline that trains nothing; allowed: {list(KINDS)}"
-        )
-    if cfg.data.task not in SCORABLE:
-        raise ConfigError(
-            "data.task",
-            f"{kind} scores labels: it needs data.task={' or '.join(SCORABLE)}, "
-            f"got {cfg.data.task}",
         )
     if cfg.model.arch is None:
         resolve_source(cfg.model)
@@ -271,13 +328,23 @@ def check(cfg: FinetuneConfig, kind: str) -> str:
         family = family_of(hf_config(cfg.model))
     except ValueError as e:
         raise ConfigError("model", str(e)) from None
-    if family.modality != "text" or family.encoder_decoder:
-        form = "an image model" if family.modality != "text" else "an encoder-decoder"
+    scorable = SCORABLE[family.modality]
+    if cfg.data.task not in scorable:
+        raise ConfigError(
+            "data.task",
+            f"{kind} scores labels: {cfg.model.name} reads {family.modality}, so it needs "
+            f"data.task={' or '.join(scorable)}, got {cfg.data.task}",
+        )
+    if family.encoder_decoder or (family.modality == "image" and not family.contrastive):
+        form = "an image classifier" if family.modality == "image" else "an encoder-decoder"
         raise ConfigError(
             "model",
-            f"{kind} scores text labels with a causal LM (likelihood) or an encoder "
-            f"(embedding similarity); {cfg.model.name} is {form}",
+            f"{kind} scores labels with a causal LM (likelihood), a text encoder (embedding "
+            f"similarity) or an image-text model such as CLIP; {cfg.model.name} is {form} "
+            "with no text tower to read labels with",
         )
+    if family.contrastive:
+        return "contrastive"
     return "likelihood" if family.causal_lm else "similarity"
 
 
@@ -308,10 +375,9 @@ def run(cfg: FinetuneConfig, kind: str, *, run_dir: Path | None = None) -> dict[
         ("likelihood", "zero_shot"): "label likelihood after each template",
         ("likelihood", "few_shot"): f"label likelihood after {len(shots)} solved examples",
         ("similarity", "zero_shot"): "embedding similarity to each label's words",
-        (
-            "similarity",
-            "few_shot",
-        ): f"embedding similarity to class centroids of {len(shots)} examples",
+        ("similarity", "few_shot"): f"embedding similarity to centroids of {len(shots)} examples",
+        ("contrastive", "zero_shot"): "image-text similarity to each label's prompts",
+        ("contrastive", "few_shot"): f"image similarity to centroids of {len(shots)} images",
     }[how, kind]
     splits = {"eval": dataset.eval, **({"test": dataset.test} if dataset.test else {})}
     print(
@@ -322,19 +388,25 @@ def run(cfg: FinetuneConfig, kind: str, *, run_dir: Path | None = None) -> dict[
     log = runlog.RunLog(run_dir, enabled=True)
     log.log({"event": "start", "step": 0, "kind": kind, "method": method, "labels": len(labels)})
     started = time.time()
-    score: Callable[[list[str]], torch.Tensor]
+    score: Callable[[list[dict[str, str]]], torch.Tensor]
     if how == "likelihood":
         one = lm_scorer(cfg, labels, shots)
 
-        def score(texts: list[str]) -> torch.Tensor:
-            return torch.stack([one(t) for t in texts])
+        def score(records: list[dict[str, str]]) -> torch.Tensor:
+            return torch.stack([one(r["text"]) for r in records])
+    elif how == "contrastive":
+        score = clip_scorer(cfg, labels, shots if kind == "few_shot" else None)
     else:
-        score = encoder_scorer(cfg, labels, shots if kind == "few_shot" else None)
+        texts = encoder_scorer(cfg, labels, shots if kind == "few_shot" else None)
+
+        def score(records: list[dict[str, str]]) -> torch.Tensor:
+            return texts([r["text"] for r in records])
+
     end: dict[str, Any] = {"event": "end", "step": 0, "kind": kind}
     counted = 0
     task = tasks.TASKS["sequence_classification"]
     for split, records in splits.items():
-        logits = score([r["text"] for r in records])
+        logits = score(records)
         target = torch.tensor([labels.index(r["label"]) for r in records])
         rows = torch.stack(
             [task.eval_sums(logits[i : i + 1], target[i : i + 1]) for i in range(len(records))]

@@ -93,6 +93,7 @@ SLOWEST_FIRST = [
     "tests/integration/test_cli.py",  # ~300 s: the demo on real MiniLM
     "tests/integration/test_jobs.py",  # ~200 s: a second Ray cluster, Jobs API
     "tests/integration/test_pool.py",  # ~190 s
+    "tests/integration/test_families.py",  # ~150 s: ViT, ResNet, T5 in one gang
     "tests/integration/test_plan.py",  # ~150 s
 ]
 

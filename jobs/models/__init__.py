@@ -167,8 +167,11 @@ def build_image_processor(cfg: ModelConfig, config: PretrainedConfig) -> Any:
     with mean/std 0.5."""
     from transformers import AutoImageProcessor, ViTImageProcessorPil
 
-    if cfg.tokenizer is None and cfg.arch is not None:
-        side = int(getattr(config, "image_size", None) or 224)
+    if cfg.arch is not None and cfg.tokenizer in (None, "bytes"):  # (CLIP reads text too)
+        vision = getattr(config, "vision_config", None)  # (CLIP's: its vision tower's)
+        side = int(
+            getattr(config, "image_size", None) or getattr(vision, "image_size", None) or 224
+        )
         return ViTImageProcessorPil(
             size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3
         )

@@ -41,6 +41,9 @@ class Family:
     count: Callable[[Any], int] | None = None
     # What the model reads: "text" (token ids) or "image" (pixel values).
     modality: str = "text"
+    # An image-text dual encoder (CLIP): scores images against label prompts with no
+    # training (jobs/zeroshot.py); graft does not fine-tune it yet.
+    contrastive: bool = False
 
     def num_blocks(self, hf_config: Any) -> int:
         if self.count is not None:
@@ -113,6 +116,18 @@ _EFFICIENTNET = Family(
     count=_efficientnet_blocks,
 )
 
+# CLIP: the vision tower's layers are the blocks (what fine-tuning would place); the
+# text tower only embeds label prompts for zero-shot scoring.
+_CLIP = Family(
+    modality="image",
+    blocks=("vision_model.encoder.layers",),
+    embeddings=("vision_model.embeddings",),
+    heads=("classifier",),
+    lora_targets=("q_proj", "k_proj", "v_proj"),
+    count=lambda config: int(config.vision_config.num_hidden_layers),
+    contrastive=True,
+)
+
 # Encoder-decoders: the encoder's blocks, then the decoder's (the top blocks are the
 # decoder's last). The shared token embedding is the embeddings; T5 ties its LM head to it.
 _T5 = Family(
@@ -153,6 +168,7 @@ FAMILIES: dict[str, Family] = {
     "resnet": _RESNET,
     "convnext": _CONVNEXT,
     "efficientnet": _EFFICIENTNET,
+    "clip": _CLIP,
     "t5": _T5,
     "bart": _BART,
 }

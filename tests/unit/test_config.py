@@ -28,6 +28,7 @@ NEEDS = {
     ("model", "tiny_resnet"): ["data=image_folder", "data.path=/tmp/images"],
     ("model", "efficientnet_lite0"): ["data=image_folder", "data.path=/tmp/images"],
     ("model", "tiny_t5"): ["data=wordnet_instruct"],
+    ("model", "tiny_clip"): ["data=image_folder", "data.path=/tmp/images"],
     ("data", "image_folder"): ["data.path=/tmp/images", "model=tiny_vit"],
 }
 TASK_OF_DATA = {"wordnet_instruct": "smollm2_135m"}

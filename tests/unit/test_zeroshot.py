@@ -191,3 +191,82 @@ def test_a_sweep_refuses_zero_shot_on_data_without_labels(data_dir: Path) -> Non
     )
     assert cfg.sweep is not None and baseline_kinds(cfg.sweep.baseline) == ["scratch", "few_shot"]
     assert json.loads(json.dumps(cfg.sweep.baseline)) == ["scratch", "few_shot"]
+
+
+# --------------------------------------------------------------------------- CLIP
+def _clip_cfg(data_dir: Path, tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return compose(
+        [
+            "model=tiny_clip",
+            "data=image_folder",
+            f"data.path={data_dir / 'images'}",
+            "data.eval_fraction=0.25",
+            f"run.output_dir={tmp_path}",
+            *extra,
+        ]
+    )
+
+
+def test_clip_zero_shot_logits_are_clips_own(data_dir: Path, tmp_path: Path) -> None:
+    """One prompt per label: the scorer's logits equal CLIPModel's logits_per_image on
+    the same pixels and prompts (its image processor, its tokenizer, its logit scale)."""
+    from transformers import CLIPModel
+
+    from jobs.models import build_image_processor, hf_config
+
+    cfg = _clip_cfg(data_dir, tmp_path, "eval.image_templates=['a picture of {label}']")
+    dataset = data_lib.load(cfg.data, tasks.get(cfg.model))
+    labels = dataset.labels
+    assert labels == ["blue", "green", "red"]
+    records = dataset.eval[:6]
+    got = zeroshot.clip_scorer(cfg, labels, None)(records)
+
+    tokenizer = build_tokenizer(cfg.model)
+    model = zeroshot._load(cfg, CLIPModel, tokenizer)
+    images = tasks.TASKS["image_classification"]
+    processor = build_image_processor(cfg.model, hf_config(cfg.model))
+    pixels = images.collate(images.encode(records, processor, cfg.data, labels), 0)
+    prompts = tokenizer(
+        [f"a picture of {label}" for label in labels], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        want = model(
+            input_ids=prompts["input_ids"],
+            attention_mask=prompts["attention_mask"],
+            pixel_values=pixels["pixel_values"],
+        ).logits_per_image
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", zeroshot.KINDS)
+def test_clip_baselines_score_the_image_folder(data_dir: Path, tmp_path: Path, kind: str) -> None:
+    cfg = _clip_cfg(data_dir, tmp_path, "eval.shots=3")
+    end = zeroshot.run(cfg, kind)
+    run_dir = tmp_path / zeroshot.run_name(cfg, kind)
+    start = runlog.read(run_dir)[0]
+    assert start["method"].startswith("image")
+    rows = torch.load(run_dir / runlog.EXAMPLE_SUMS.format(split="eval"))
+    scores = tasks.TASKS["sequence_classification"].metrics(rows.sum(0), "eval")
+    assert scores["eval_accuracy"] == pytest.approx(end["eval_accuracy"])
+    assert rows[:, 1].sum() == len(data_lib.load(cfg.data, tasks.get(cfg.model)).eval)
+
+
+def test_images_without_a_text_tower_and_clip_fine_tuning_are_refused(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from jobs.preflight import preflight
+
+    vit = compose(
+        ["model=tiny_vit", "data=image_folder", f"data.path={data_dir / 'images'}"]
+        + [f"run.output_dir={tmp_path}"]
+    )
+    with pytest.raises(ConfigError) as raised:
+        zeroshot.run(vit, "zero_shot")
+    assert raised.value.key == "model" and "CLIP" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:  # (graft finetune: before Ray)
+        preflight(_clip_cfg(data_dir, tmp_path))
+    assert raised.value.key == "model" and "graft eval zero_shot" in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        _clip_cfg(data_dir, tmp_path, "eval.image_templates=['a photo']")
+    assert raised.value.key == "eval.image_templates[0]"
+    assert not any(tmp_path.iterdir())
