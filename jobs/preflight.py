@@ -56,14 +56,6 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
         raise ConfigError(
             "strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0"
         )
-    if layout.family.contrastive:
-        raise ConfigError(
-            "model",
-            f"{cfg.model.name} is an image-text model (CLIP): graft scores it with no "
-            "training (graft eval zero_shot|few_shot, or sweep.baseline=[zero_shot]); "
-            "fine-tuning it is not built yet: for a trained image classifier use a vision "
-            "backbone (model=efficientnet_lite0, or model=hf with a ViT/ResNet/ConvNeXt)",
-        )
     task = tasks.get(cfg.model)
     _check_modality(cfg, layout, task)
     if task.modality == "image":

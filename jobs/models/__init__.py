@@ -230,6 +230,9 @@ def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> PretrainedConfi
 def hidden_size(config: PretrainedConfig) -> int:
     """The width of the residual stream (``d_model`` in T5-style configs; a CNN's
     widest stage, or EfficientNet's ``hidden_dim``)."""
+    vision = getattr(config, "vision_config", None)
+    if vision is not None:  # an image-text model (CLIP) trains its vision tower
+        return hidden_size(vision)
     for attr in ("hidden_size", "d_model", "hidden_dim"):
         if getattr(config, attr, None):
             return int(getattr(config, attr))

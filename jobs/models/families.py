@@ -41,8 +41,8 @@ class Family:
     count: Callable[[Any], int] | None = None
     # What the model reads: "text" (token ids) or "image" (pixel values).
     modality: str = "text"
-    # An image-text dual encoder (CLIP): scores images against label prompts with no
-    # training (jobs/zeroshot.py); graft does not fine-tune it yet.
+    # An image-text dual encoder (CLIP): it can also score images against label prompts
+    # with no training (jobs/zeroshot.py).
     contrastive: bool = False
 
     def num_blocks(self, hf_config: Any) -> int:
@@ -116,15 +116,18 @@ _EFFICIENTNET = Family(
     count=_efficientnet_blocks,
 )
 
-# CLIP: the vision tower's layers are the blocks (what fine-tuning would place); the
-# text tower only embeds label prompts for zero-shot scoring.
+# CLIP: fine-tuned as transformers' CLIPForImageClassification (the vision tower, its
+# mean patch embedding, a new linear head; the text tower is not loaded), the vision
+# layers as the blocks. Zero-shot scoring (jobs/zeroshot.py) uses both towers.
 _CLIP = Family(
     modality="image",
     blocks=("vision_model.encoder.layers",),
-    embeddings=("vision_model.embeddings",),
+    embeddings=("vision_model.embeddings", "vision_model.pre_layrnorm"),
     heads=("classifier",),
     lora_targets=("q_proj", "k_proj", "v_proj"),
     count=lambda config: int(config.vision_config.num_hidden_layers),
+    # (the pooled output's norm: unused by the classifier, kept with the top layer)
+    after_blocks=(("vision_model.post_layernorm", 0),),
     contrastive=True,
 )
 

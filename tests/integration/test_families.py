@@ -1,6 +1,6 @@
 """Model families beyond the text encoders and decoders, on a real local Ray with real
 DeepSpeed over gloo, 2 workers, under ZeRO-2 and ZeRO-3: image classification (a tiny
-ViT and a tiny ResNet on an image folder) and seq2seq (a tiny T5 on prompt/response
+ViT, a tiny ResNet and a tiny CLIP's vision tower on an image folder) and seq2seq (a tiny T5 on prompt/response
 pairs), each with the strategies that make sense for it. Each export is loaded with
 plain transformers (or peft) and scored again; the parameters each strategy froze are
 compared with the model the run started from.
@@ -95,6 +95,13 @@ RUNS = {
         "tiny_resnet",
         ["deepspeed=zero2", "strategy=feature_extraction", "train.lr=5e-2"],
     ),
+    # CLIP's vision tower (CLIPForImageClassification): a linear probe on its frozen
+    # features, and the whole tower fine-tuned
+    "clip-probe-zero2": (
+        "tiny_clip",
+        ["deepspeed=zero2", "strategy=feature_extraction", "train.lr=5e-2"],
+    ),
+    "clip-full-zero3": ("tiny_clip", ["deepspeed=zero3", "strategy=full"]),
 }
 
 
@@ -222,10 +229,33 @@ def test_freeze_depth_trains_the_top_stages_and_keeps_the_lower_ones(
     assert any("running_mean" in n for n in trained)
 
 
-def test_feature_extraction_trains_the_head_alone(gang: dict[str, Any]) -> None:
-    cfg, _, run_dir = gang["resnet-head-zero2"]
+@pytest.mark.parametrize(
+    ("name", "head"),
+    [
+        ("resnet-head-zero2", {"classifier.1.weight", "classifier.1.bias"}),
+        ("clip-probe-zero2", {"classifier.weight", "classifier.bias"}),  # a linear probe
+    ],
+)
+def test_feature_extraction_trains_the_head_alone(
+    gang: dict[str, Any], name: str, head: set[str]
+) -> None:
+    cfg, _, run_dir = gang[name]
     changed = _changed(cfg, run_dir)
-    assert {n for n, c in changed.items() if c} == {"classifier.1.weight", "classifier.1.bias"}
+    assert {n for n, c in changed.items() if c} == head
+
+
+def test_clip_fine_tunes_its_vision_tower_alone(gang: dict[str, Any]) -> None:
+    """The whole vision tower trains (its pooled output's norm feeds nothing the
+    classifier reads, so it stays); the export is a CLIPForImageClassification with
+    no text tower."""
+    cfg, _, run_dir = gang["clip-full-zero3"]
+    changed = _changed(cfg, run_dir)
+    assert all(c for n, c in changed.items() if n.startswith("vision_model.encoder."))
+    assert not any(c for n, c in changed.items() if "post_layernorm" in n)
+    saved = json.loads((run_dir / "export" / "config.json").read_text())
+    assert saved["architectures"] == ["CLIPForImageClassification"]
+    weights = load_file(run_dir / "export" / "model.safetensors")
+    assert not any(n.startswith("text_model") for n in weights)
 
 
 def test_lora_trains_adapters_and_the_head_only(gang: dict[str, Any]) -> None:
