@@ -163,8 +163,9 @@ class Seq2Seq:
         generator: Any = None,
     ) -> dict[str, torch.Tensor]:
         if device is not None and torch.device(device).type == "meta":
+            # decoder inputs given: a config-only model may not say how decoding starts
             ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
-            return {"input_ids": ids, "labels": ids}
+            return {"input_ids": ids, "decoder_input_ids": ids, "labels": ids}
         ids = torch.randint(4, vocab, (batch_size, seq_len), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 

@@ -334,3 +334,33 @@ def test_loss_terms_trained_modules_count_as_trainable(data_dir) -> None:  # typ
     added = expected - plain.counts.trainable
     assert added > 64 * 200  # the LM head's own copy is most of it
     assert planned.memory.optimizer > plain.memory.optimizer
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny_t5", "data=wordnet_instruct", "strategy=lora"],
+        [
+            "model=tiny_t5",
+            "data=wordnet_instruct",
+            "strategy=freeze_depth",
+            "strategy.num_trainable_blocks=2",
+        ],
+        [
+            "model=tiny_clip",
+            "data=image_folder",
+            "data.path=/tmp/images",
+            "strategy=feature_extraction",
+        ],
+    ],
+)
+def test_seq2seq_and_clip_plan_with_the_real_models_counts(overrides: list[str]) -> None:
+    """A config-only T5 (no decoder start token in its config) and CLIP's vision tower
+    trace on the meta device; the counts are the built model's under the strategy."""
+    cfg = compose(overrides)
+    counts, activations = plan.trace(cfg)
+    model, _ = build(cfg.model, labels=["a", "b"] if "tiny_clip" in overrides[0] else None)
+    model = strategies.apply(model, cfg.strategy, Layout.of(model.config))
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert activations.outside > 0  # (frozen blocks save nothing for a backward)
