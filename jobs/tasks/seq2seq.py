@@ -13,7 +13,6 @@ all-reduce across ranks.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSeq2SeqLM
 
 from conf.schema import DataConfig
+from jobs.tasks import causal_lm
 from jobs.tasks.common import IGNORE_INDEX, pad_ids
 
 # the columns generation adds to the sums: examples, exact matches, ROUGE-L F1
@@ -133,13 +133,8 @@ class Seq2Seq:
     def metrics(
         self, sums: torch.Tensor, prefix: str, *, confusion: bool = False
     ) -> dict[str, Any]:
-        loss, count, correct = sums[:3].tolist()
-        mean = loss / count
-        out = {
-            f"{prefix}_loss": mean,
-            f"{prefix}_accuracy": correct / count,
-            f"{prefix}_perplexity": math.exp(min(mean, 50.0)),
-        }
+        # the token statistics are a causal LM's (loss, token accuracy, perplexity)
+        out = causal_lm.TASK.metrics(sums[:3], prefix)
         if sums.numel() >= 3 + _GENERATED:
             examples, exact, rouge = sums[3 : 3 + _GENERATED].tolist()
             out[f"{prefix}_exact_match"] = exact / examples

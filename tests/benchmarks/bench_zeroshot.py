@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs import runlog
 from jobs.config import compose
 from jobs.sweep import describe_summary
 from jobs.sweep import run as sweep
@@ -85,21 +86,14 @@ def run_one(name: str, out: Path) -> dict[str, Any]:
         show_progress=True,
     )
     summary = json.loads((result.sweep_dir / "summary.json").read_text())
-    untrained = {}
-    for kind in ("zero_shot", "few_shot"):
-        end = next(
+    untrained = {
+        kind: next(
             r
-            for r in reversed(
-                [
-                    json.loads(line)
-                    for line in (result.sweep_dir / "baselines" / kind / "metrics.jsonl")
-                    .read_text()
-                    .splitlines()
-                ]
-            )
+            for r in reversed(runlog.read(result.sweep_dir / "baselines" / kind))
             if r.get("event") == "end"
         )
-        untrained[kind] = end
+        for kind in ("zero_shot", "few_shot")
+    }
     return {
         "title": title,
         "seconds": time.time() - started,
