@@ -151,12 +151,13 @@ def _run(kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bo
     """`graft finetune|sweep`: compose, print (--cfg) or run here; errors exit 2."""
     from conf.schema import ConfigError
     from jobs.config import to_yaml
+    from jobs.finetune import RunFailed
 
     config = _compose(overrides, kind)
     if show_config:
         typer.echo(to_yaml(config))
         return
-    with exits(ConfigError, ConnectionError):
+    with exits(RunFailed, label="failed", code=1), exits(ConfigError, ConnectionError):
         _job(kind).run(config, show_progress=not quiet)
 
 

@@ -71,6 +71,9 @@ def _sized_worker_group(
     return group
 
 
+GRACE_S = 300
+
+
 def render(
     kind: str,
     cfg: FinetuneConfig,
@@ -89,6 +92,11 @@ def render(
         _sized_worker_group(cluster["workerGroupSpecs"][0], cfg, replicas)
     ]
     cluster["enableInTreeAutoscaling"] = False
+    # An evicted pod gets SIGTERM, then SIGKILL after this grace: graft checkpoints at
+    # the next step boundary (jobs.preempt). 300 s covers a step and a ZeRO-sharded
+    # checkpoint (an 8B model's full fine-tune: ~16 GB per rank of 8 at ~1 GB/s).
+    for pod in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod["template"]["spec"]["terminationGracePeriodSeconds"] = GRACE_S
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     extra = []
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
@@ -96,6 +104,8 @@ def render(
         extra.append("run.output_dir=/runs")
     if not keys & {"cluster", "cluster.address"}:
         extra.append("cluster.address=auto")
+    if "train.max_failures" not in keys:  # a lost pod restarts the gang, twice at most
+        extra.append("train.max_failures=2")
     if kind == "sweep" and "sweep.storage" not in keys:
         # The study goes to the cluster's PostgreSQL (SQLite over shared storage is unsafe).
         head.setdefault("env", []).append(

@@ -392,6 +392,12 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Worker failures (a killed process, a lost node) the gang recovers from by itself,
+    # restarting from the newest usable checkpoint. None: 1 on a remote cluster
+    # (cluster.address set; rendered RayJobs), 0 for an embedded one (a laptop's crash
+    # is more often a bug than a lost node). -1: no limit. A preemption (SIGTERM to a
+    # worker) does not count: it checkpoints first, and the gang is restarted.
+    max_failures: int | None = None
 
     def check(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "lr"):
@@ -408,6 +414,11 @@ class TrainConfig:
             )
         _non_negative("train.weight_decay", self.weight_decay)
         _non_negative("train.max_grad_norm", self.max_grad_norm, " (0 = no clipping)")
+        if self.max_failures is not None and self.max_failures < -1:
+            raise ConfigError(
+                "train.max_failures",
+                f"must be >= 0, -1 (no limit) or null (1 remote, 0 embedded), got {self.max_failures}",
+            )
         self.early_stopping.check()
 
 

@@ -66,6 +66,7 @@ def to_yaml(cfg: FinetuneConfig) -> str:
 
 # Keys that do not change what is trained: they stay out of the derived run name.
 _NOT_IN_NAME = ("run", "cluster", "sweep")
+_TRAIN_NOT_IN_NAME = ("max_failures",)
 
 
 def run_name(cfg: FinetuneConfig) -> str:
@@ -74,6 +75,8 @@ def run_name(cfg: FinetuneConfig) -> str:
     if cfg.run.name:
         return cfg.run.name
     content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_NAME}
+    for key in _TRAIN_NOT_IN_NAME:
+        content["train"].pop(key, None)
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[
         :8
     ]

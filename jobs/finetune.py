@@ -19,14 +19,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from conf.schema import ConfigError, FinetuneConfig
+from jobs import checkpoint as ckpt
 from jobs import config as config_lib
 from jobs import engine as engine_lib
-from jobs import runlog
+from jobs import preempt, runlog
+from jobs import resume as resume_lib
 from jobs.preflight import preflight
 from jobs.worker import CHECKPOINTS, State, config_digest, start_engine, train_fn_per_worker
 
@@ -70,6 +73,17 @@ def debug_knobs() -> dict[str, Any]:
     return {key: int(os.environ[env]) for key, env in knobs.items() if os.environ.get(env)}
 
 
+def max_failures(cfg: FinetuneConfig) -> int:
+    """``train.max_failures`` resolved: 1 on a remote cluster, 0 embedded (see the schema)."""
+    if cfg.train.max_failures is not None:
+        return cfg.train.max_failures
+    return 1 if cfg.cluster.address else 0
+
+
+class RunFailed(RuntimeError):
+    """A run's gang failed more often than train.max_failures allows."""
+
+
 def make_trainer(
     cfg: FinetuneConfig,
     run_dir: Path,
@@ -78,6 +92,7 @@ def make_trainer(
     callbacks: Sequence[Any] = (),
     more: Sequence[tuple[FinetuneConfig, Path]] = (),
     serve: dict[str, Any] | None = None,
+    session: str | None = None,
 ) -> Any:
     """The Ray Train gang for one run (``more``: further runs after it, same scaling):
     ``cfg.scaling.num_workers`` DeepSpeed workers. Used by ``run``/``run_many`` and by a
@@ -98,6 +113,7 @@ def make_trainer(
         train_loop_config={
             "runs": [{"cfg": c, "run_dir": str(d)} for c, d in runs],
             "started": started,
+            "session": session,
             "debug": debug_knobs(),
             **({"serve": serve} if serve else {}),
         },
@@ -111,7 +127,8 @@ def make_trainer(
             # Ray Train's own run state; graft's checkpoints are in run_dir/checkpoints.
             name=".train",
             storage_path=str(run_dir),
-            failure_config=FailureConfig(max_failures=0),
+            # A pool's slot restarts its own gang (jobs.pool), retrying the run it was on.
+            failure_config=FailureConfig(max_failures=0 if serve else max_failures(cfg)),
             callbacks=list(callbacks),
         ),
     )
@@ -126,16 +143,24 @@ def gang_bundle(cfg: FinetuneConfig) -> dict[str, float]:
 
 
 def _prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
-    """Preflight (every config/model/data error surfaces here, before Ray), the run
-    directory and its config.yaml."""
+    """Everything checked before Ray, nothing written: preflight (every config/model/data
+    error), the output directory can be made, and a rerun's config can continue the
+    run's checkpoints (jobs.resume). The directory is made by ``_create`` once the
+    cluster has the resources."""
     cfg = config_lib.with_run_name(cfg)
     facts = preflight(cfg)
     assert cfg.run.name is not None
     run_dir = (Path(cfg.run.output_dir) / cfg.run.name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    creatable(run_dir, key="run.output_dir")
+    try:
+        rerun = resume_lib.check_rerun(cfg, run_dir)
+    except ckpt.NoUsableCheckpoint as e:
+        raise ConfigError("run.name", str(e)) from None
     world = cfg.scaling.num_workers
     print(f"graft: run {cfg.run.name} -> {run_dir}")
+    if rerun is not None:
+        cfg = rerun.cfg
+        print(f"graft: resuming from {rerun.checkpoint} (step {rerun.step})")
     print(
         f"graft: {cfg.model.name} ({facts.num_blocks} blocks), strategy {cfg.strategy.name}, ZeRO-{cfg.deepspeed.stage}, "
         f"{facts.num_train} train / {facts.num_eval} eval"
@@ -154,6 +179,79 @@ def _prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, Path]:
     return cfg, run_dir
 
 
+def creatable(directory: Path, *, key: str) -> None:
+    """ConfigError naming ``key`` unless ``directory`` exists as a directory or can be
+    made (tried, and what was made removed again: nothing is left behind)."""
+    missing = []
+    probe = directory
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        for d in reversed(missing):
+            d.mkdir()
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
+    except OSError as e:
+        raise ConfigError(
+            key, f"cannot create {directory} ({e}); allowed: a directory this user can write"
+        ) from None
+    finally:
+        for d in missing:
+            if d.is_dir():
+                d.rmdir()
+
+
+def _create(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """The run directory and its config.yaml (after every check passed)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    preempt.clear(run_dir)
+    (run_dir / resume_lib.CONFIG).write_text(config_lib.to_yaml(cfg))
+
+
+def _last_event(run_dir: Path) -> str | None:
+    records = runlog.read(run_dir)
+    return next((r["event"] for r in reversed(records) if "event" in r), None)
+
+
+def _last_step(run_dir: Path) -> int:
+    return max((r.get("step", 0) for r in runlog.read(run_dir)), default=0)
+
+
+def _exit_preempted(todo: list[tuple[FinetuneConfig, Path]]) -> None:
+    for _, run_dir in todo:
+        newest = ckpt.latest_complete(run_dir / CHECKPOINTS)
+        print(
+            f"graft: preempted (SIGTERM): {run_dir.name} stopped at step {_last_step(run_dir)}, "
+            f"checkpoint {newest}; rerun the same command to resume"
+        )
+    raise SystemExit(preempt.EXIT_CODE)
+
+
+def _failed(error: Exception, todo: list[tuple[FinetuneConfig, Path]], session: str) -> Exception:
+    """The gang failed for good: how often, and where its checkpoints are."""
+    cfg, run_dir = todo[0]
+    for c, d in todo:  # the run it failed in: the first one not finished
+        if _last_event(d) != "end":
+            cfg, run_dir = c, d
+            break
+    restarts = [
+        r
+        for r in runlog.read(run_dir)
+        if r.get("event") == "failure" and r.get("session") == session
+    ]
+    newest = ckpt.latest_complete(run_dir / CHECKPOINTS)
+    text = str(error).strip().splitlines()
+    return RunFailed(
+        f"run {run_dir.name} failed {len(restarts) + 1} time(s) (train.max_failures="
+        f"{max_failures(cfg)}); its checkpoints are in {run_dir / CHECKPOINTS} (newest "
+        f"complete: {newest.name if newest else 'none'}): rerun the same command to resume "
+        "from there. The last error:\n" + "\n".join(text[-30:])
+    )
+
+
 def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
     """Fine-tune as ``cfg`` says. Callable in-process (tests) and from the CLI."""
     return run_many([cfg], show_progress=show_progress)[0]
@@ -170,12 +268,39 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
     first, first_dir = prepared[0]
     cluster = connect(first.cluster, first.scaling)
     print(f"graft: Ray at {cluster['address']}, dashboard {cluster['dashboard']}")
-    trainer = make_trainer(first, first_dir, started=started, more=prepared[1:])
+    for cfg, run_dir in prepared:
+        _create(cfg, run_dir)
+    session = uuid.uuid4().hex[:12]
     total = sum(cfg.train.max_steps for cfg, _ in prepared)
-    with follow(
-        first_dir / runlog.METRICS, total_steps=total, enabled=show_progress and len(prepared) == 1
-    ):
-        trainer.fit()
+    preempted_at: dict[Path, int] = {}
+    todo = list(prepared)
+    with preempt.on_driver_sigterm([d for _, d in prepared]) as driver:
+        while todo:
+            (head, head_dir), rest = todo[0], todo[1:]
+            trainer = make_trainer(head, head_dir, started=started, more=rest, session=session)
+            with follow(
+                head_dir / runlog.METRICS,
+                total_steps=total,
+                enabled=show_progress and len(prepared) == 1,
+            ):
+                try:
+                    trainer.fit()
+                except Exception as e:
+                    raise _failed(e, todo, session) from e
+            todo = [(c, d) for c, d in todo if _last_event(d) != "end"]
+            if driver["signalled"] and todo:
+                _exit_preempted(todo)
+            for _, run_dir in todo:  # a worker's SIGTERM: it checkpointed; a fresh gang goes on
+                if _last_event(run_dir) != "preempted":
+                    continue
+                step = _last_step(run_dir)
+                if preempted_at.get(run_dir) == step:
+                    raise RunFailed(
+                        f"run {run_dir.name} was preempted twice at step {step} without "
+                        f"progress; its checkpoints are in {run_dir / CHECKPOINTS}: rerun to resume"
+                    )
+                preempted_at[run_dir] = step
+                print(f"graft: {run_dir.name} preempted at step {step}; restarting its gang")
     summaries = []
     for cfg, run_dir in prepared:
         records = runlog.read(run_dir)

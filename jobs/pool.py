@@ -18,7 +18,10 @@ reports (rank 0 sends them; the trial that submitted the run reads them) and the
 cancelled runs. A run's ranks agree on cancellation at each report (rank 0 asks, then
 an all-reduce), so they stop at the same step, tear their engine down and take the next
 job. A run that raises kills its slot's fit (Ray Train stops the whole gang); the
-slot's actor reports the error to the run's reader and starts a fresh fit.
+slot's actor starts a fresh fit, and the run is queued again while it has failures left
+(``train.max_failures``: it resumes from its own checkpoints), else its error goes to
+its reader. A preempted run (jobs.preempt) checkpoints, ends its gang's fit and is
+queued again.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Dispatcher:
         self.taken: dict[tuple[int, int], asyncio.Future[dict[str, Any] | None]] = {}
         self.results: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self.cancelled: set[str] = set()
-        self.running: dict[int, str] = {}  # slot -> the run it trains
+        self.running: dict[int, dict[str, Any]] = {}  # slot -> the job it trains
         self.closed = False
         self.error: str | None = None  # set when a gang cannot start at all
 
@@ -79,7 +82,7 @@ class Dispatcher:
                     break
                 self._results(job["run_id"]).put_nowait({"cancelled": True})
             if job is not None:
-                self.running[slot] = job["run_id"]
+                self.running[slot] = job
             future.set_result(job)
             self.taken.pop((slot, seq - 1), None)
         return await self.taken[key]
@@ -88,20 +91,31 @@ class Dispatcher:
         self._results(run_id).put_nowait(metrics)
 
     async def done(self, slot: int, run_id: str, outcome: str) -> None:
-        if self.running.get(slot) == run_id:
-            del self.running[slot]
+        mine = self.running.get(slot, {}).get("run_id") == run_id
+        job = self.running.pop(slot) if mine else None
         if outcome == "cancelled":
             self._results(run_id).put_nowait({"cancelled": True})
+        elif outcome == "preempted" and job is not None:  # checkpointed: a fresh gang goes on
+            self.queue.put_nowait(job)
 
     async def failed(self, slot: int, error: str) -> bool:
-        """The slot's gang died; the run it was training ends with ``error``. False when
-        it was training none (it died starting up)."""
-        run_id = self.running.pop(slot, None)
-        if run_id is not None:
-            self._results(run_id).put_nowait({"error": error})
+        """The slot's gang died. The run it was training is queued again (it resumes
+        from its own checkpoints) while it has failures left (``max_failures``), else it
+        ends with ``error``. False when it was training none (it died starting up)."""
+        job = self.running.pop(slot, None)
+        if job is not None:
+            limit = job.get("max_failures", 0)
+            if limit < 0 or job.get("failures", 0) < limit:
+                job["failures"] = job.get("failures", 0) + 1
+                self.queue.put_nowait(job)
+            else:
+                failures = job.get("failures", 0) + 1
+                self._results(job["run_id"]).put_nowait(
+                    {"error": f"{failures} failure(s) (train.max_failures={limit}):\n{error}"}
+                )
         for key in [k for k in self.taken if k[0] == slot]:
             del self.taken[key]
-        return run_id is not None
+        return job is not None
 
     async def broken(self, error: str) -> None:
         """A slot cannot start a gang: every queued and later run ends with ``error``."""
@@ -152,7 +166,9 @@ class Slot:
             )
             try:
                 trainer.fit()
-                return fits
+                if ray.get(dispatcher.is_closed.remote()):
+                    return fits
+                continue  # (a preempted run ended the fit: a fresh gang goes on)
             except Exception:  # noqa: BLE001  # the run's error goes to its reader
                 error = traceback.format_exc(limit=20)
                 if ray.get(dispatcher.failed.remote(slot, error)):
@@ -225,9 +241,15 @@ class Pool:
 def submit(dispatcher: Any, run_id: str, cfg: FinetuneConfig, run_dir: Path) -> None:
     import ray
 
-    from jobs.finetune import debug_knobs
+    from jobs.finetune import debug_knobs, max_failures
 
-    job = {"run_id": run_id, "cfg": cfg, "run_dir": str(run_dir), "started": time.time()}
+    job = {
+        "run_id": run_id,
+        "cfg": cfg,
+        "run_dir": str(run_dir),
+        "started": time.time(),
+        "max_failures": max_failures(cfg),
+    }
     ray.get(dispatcher.submit.remote({**job, **debug_knobs()}))
 
 

@@ -7,6 +7,7 @@ works the same for an embedded cluster and, over shared storage, a remote one.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,37 @@ def _describe(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+class Tail:
+    """The records appended to a metrics.jsonl since the last ``read``. A resume rewrites
+    the file (``RunLog.truncate_after``: a new file renamed over the old one, shorter):
+    a new inode or a shorter file means reading it again from the start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.inode: int | None = None
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with self.path.open("rb") as f:
+                stat = os.fstat(f.fileno())
+                if stat.st_ino != self.inode or stat.st_size < self.offset:
+                    self.inode, self.offset = stat.st_ino, 0
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # (a line still being written waits)
+        self.offset += len(complete)
+        records = []
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # (only a display: a damaged line is skipped, never fatal)
+        return records
+
+
 @contextmanager
 def follow(metrics_path: Path, *, total_steps: int, enabled: bool = True) -> Iterator[None]:
     if not enabled:
@@ -52,19 +84,11 @@ def follow(metrics_path: Path, *, total_steps: int, enabled: bool = True) -> Ite
     stop = threading.Event()
     seen: dict[str, Any] = {}
 
+    tail = Tail(metrics_path)
+
     def poll() -> None:
-        offset = 0
         while not stop.wait(0.5):
-            if not metrics_path.is_file():
-                continue
-            with metrics_path.open() as f:
-                f.seek(offset)
-                chunk = f.read()
-            if not chunk.endswith("\n"):
-                continue  # a line still being written
-            offset += len(chunk)
-            for line in chunk.splitlines():
-                record = json.loads(line)
+            for record in tail.read():
                 seen.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
                 progress.update(task, completed=record.get("step", 0), info=_describe(seen))
 

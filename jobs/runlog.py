@@ -23,6 +23,10 @@ def read(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# What happened to the run itself stays through a resume's truncation.
+KEPT = ("failure", "preempted", "checkpoint_skipped")
+
+
 class RunLog:
     def __init__(self, run_dir: Path, *, enabled: bool) -> None:
         self.path = Path(run_dir) / METRICS
@@ -45,11 +49,15 @@ class RunLog:
             kept = [
                 r
                 for r in read(self.path.parent)
-                if r.get("step", 0) <= step
+                if r.get("event") in KEPT
+                or r.get("step", 0) <= step
                 and r.get("event") not in ("end", "cancelled")
                 and not (r.get("event") == "phase" and r.get("phase", 0) > phase)
             ]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # a new file renamed over the old one: a reader (jobs.progress) sees either
+            fresh = self.path.with_suffix(".jsonl.tmp")
+            fresh.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            fresh.replace(self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

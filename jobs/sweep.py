@@ -94,6 +94,7 @@ def sweep_name(cfg: FinetuneConfig) -> str:
         return cfg.run.name
     content = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("run", "cluster")}
     content["sweep"] = {k: v for k, v in content["sweep"].items() if k not in _NOT_IN_NAME}
+    content["train"].pop("max_failures", None)  # (recovery, not what is trained)
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
     return f"sweep-{cfg.model.name}-{cfg.data.name}-{cfg.sweep.name}-{digest[:8]}"
 

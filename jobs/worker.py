@@ -37,7 +37,7 @@ from conf.schema import FinetuneConfig, StrategyConfig
 from jobs import checkpoint as ckpt
 from jobs import data as data_lib
 from jobs import engine as engine_lib
-from jobs import norms, objectives, runlog, strategies, tasks
+from jobs import norms, objectives, preempt, runlog, strategies, tasks
 from jobs.evaluate import evaluate
 from jobs.export import export
 from jobs.memory import live_tensor_bytes
@@ -48,6 +48,8 @@ from jobs.strategies import Phase
 from jobs.strategies.discriminative import param_groups
 
 CHECKPOINTS = "checkpoints"
+# The events that begin a session of a run (a second one in a session: a restart).
+STARTS = ("start", "resume")
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
@@ -60,18 +62,23 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     debug = loop_config.get("debug", {})
+    preempt.install_in_this_worker()
     if "serve" in loop_config:
         serve(loop_config["serve"], rank=rank, world=world)
         return
     for job in loop_config["runs"]:
-        train_one(
-            job["cfg"],
-            Path(job["run_dir"]),
-            rank=rank,
-            world=world,
-            started=job.get("started", loop_config["started"]),
-            fail_at_step=debug.get("fail_at_step"),
-        )
+        try:
+            train_one(
+                job["cfg"],
+                Path(job["run_dir"]),
+                rank=rank,
+                world=world,
+                started=job.get("started", loop_config["started"]),
+                fail_at_step=debug.get("fail_at_step"),
+                session=loop_config.get("session"),
+            )
+        except preempt.Preempted:
+            return  # checkpointed: the driver restarts the gang, or exits (its own SIGTERM)
 
 
 def serve(spec: dict[str, Any], *, rank: int, world: int) -> None:
@@ -94,12 +101,17 @@ def serve(spec: dict[str, Any], *, rank: int, world: int) -> None:
                 fail_at_step=job.get("fail_at_step"),
                 stop_at_step=job.get("stop_at_step"),
                 report=_PoolReport(dispatcher, job["run_id"], rank),
+                session=f"{job['run_id']}@{job['started']}",
             )
         except Cancelled:
             outcome = "cancelled"
+        except preempt.Preempted:
+            outcome = "preempted"
         gc.collect()
         if rank == 0:
             ray.get(dispatcher.done.remote(slot, job["run_id"], outcome))
+        if outcome == "preempted":
+            return  # this gang's fit ends (a worker is going away); the slot starts another
 
 
 class _PoolReport:
@@ -198,6 +210,7 @@ class Run:
     resume_from: Path | None
     fail_at_step: int | None = None
     stop_at_step: int | None = None  # (a pool's run: stops there as if cancelled)
+    session: str | None = None  # (train_one's)
     # Where reports go (ray.train.report, or a pool's dispatcher), and what runs after
     # every optimizer step (a pool run's cancellation check): see train_one.
     report: Any = None
@@ -251,11 +264,22 @@ def train_one(
     fail_at_step: int | None = None,
     stop_at_step: int | None = None,
     report: Any = None,
+    session: str | None = None,
 ) -> None:
     """One run, start (or resume) to finish. ``report(metrics, final=)`` receives each
     evaluation/checkpoint report (default: ``ray.train.report``); it may raise to stop
-    the run (a pool's cancellation), which tears the run's engine down first."""
-    run = setup(cfg, run_dir, rank=rank, world=world, started=started, fail_at_step=fail_at_step)
+    the run (a pool's cancellation), which tears the run's engine down first.
+    ``session``: the driver's attempt at the run (a fit, or a pool submission): a
+    second start in one session is a restart after a failure, logged as one."""
+    run = setup(
+        cfg,
+        run_dir,
+        rank=rank,
+        world=world,
+        started=started,
+        fail_at_step=fail_at_step,
+        session=session,
+    )
     run.stop_at_step = stop_at_step
     run.report = report or _train_report
     run.poll = getattr(report, "poll", None) or (lambda: None)
@@ -269,8 +293,9 @@ def train_one(
             train_phase(run, phase, run.current, state)
             if state.stopped_early or _epochs_done(run, state):
                 break
-    except Cancelled:  # the gang lives on: free what this run holds
-        run.log.log({"event": "cancelled", "step": state.step, "phase": state.phase})
+    except (Cancelled, preempt.Preempted) as stop:  # the gang lives on: free what it holds
+        if isinstance(stop, Cancelled):
+            run.log.log({"event": "cancelled", "step": state.step, "phase": state.phase})
         run.log.close()
         if run.current is not None:
             run.current.engine.destroy()
@@ -289,6 +314,7 @@ def setup(
     world: int,
     started: float,
     fail_at_step: int | None = None,
+    session: str | None = None,
 ) -> Run:
     train = cfg.train
     torch.manual_seed(train.seed)
@@ -342,9 +368,21 @@ def setup(
     if not _ranks_agree(digest):
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
     log = runlog.RunLog(run_dir, enabled=rank == 0)
-    resume_from = ckpt.latest_complete(run_dir / CHECKPOINTS)
+    before = runlog.read(run_dir) if rank == 0 and session else []
+    resume_from = _usable_checkpoint(run_dir / CHECKPOINTS, rank=rank, world=world, log=log)
     if resume_from is None:
         log.reset()
+    starts = [r for r in before if r.get("session") == session and r.get("event") in STARTS]
+    if starts:  # this session started the run before: its gang died, this is the restart
+        log.log(
+            {
+                "event": "failure",
+                "attempt": len(starts),
+                "session": session,
+                "last_logged_step": max((r.get("step", 0) for r in before), default=0),
+                "restart_from": str(resume_from) if resume_from else None,
+            }
+        )
     return Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -375,10 +413,34 @@ def setup(
         log=log,
         digest=digest,
         resume_from=resume_from,
+        session=session,
         fail_at_step=fail_at_step,
         streams=streams,
         task_evals=task_evals,
     )
+
+
+def _usable_checkpoint(parent: Path, *, rank: int, world: int, log: runlog.RunLog) -> Path | None:
+    """The newest complete checkpoint whose every file has its recorded size and
+    checksum (each rank hashes its share; all agree), the damaged ones skipped with a
+    warning in the log naming their files; none usable among complete ones: fail."""
+    found, damaged = ckpt.complete(parent), []
+    for candidate in found:
+        mine = ckpt.problems(candidate, full=True, share=(rank, world))
+        wrong: list[Any] = [mine]
+        if torch.distributed.is_initialized() and world > 1:
+            wrong = [None] * world
+            torch.distributed.all_gather_object(wrong, mine)
+        bad = [p for part in wrong for p in part]
+        if not bad:
+            return candidate
+        damaged.append(f"{candidate.name}: {'; '.join(bad)}")
+        log.log({"event": "checkpoint_skipped", "checkpoint": str(candidate), "problems": bad})
+        if rank == 0:
+            print(f"graft: skipping damaged checkpoint {candidate}: {'; '.join(bad)}", flush=True)
+    if found:
+        raise ckpt.no_usable(parent, damaged)
+    return None
 
 
 def config_digest(cfg: FinetuneConfig) -> str:
@@ -526,6 +588,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "step": state.step,
                 "phase": phase.index,
                 "checkpoint": str(run.resume_from),
+                "session": run.session,
             }
         )
         run.resume_from = None
@@ -550,6 +613,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "global_batch": engine_lib.global_batch_size(cfg.train, run.world),
                 "config_digest": run.digest,
                 "num_phases": len(run.phases),
+                "session": run.session,
                 # from the run's start (a pool: its submission) to its engine, ready to train
                 "startup_s": time.time() - run.started,
             }
@@ -691,6 +755,15 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
             clock = time.time()
             record["evals"] = math.ceil(state.step / train.eval_every)
             _report(run, engine, record, state, save=save or state.stopped_early)
+        why = preempt.asked(run.run_dir)
+        if _all_max(int(why is not None)):  # (every rank stops at this same step)
+            if not save:
+                state.train_time_s += time.time() - clock
+                save_checkpoint(run, engine, state)
+            run.log.log(
+                {"event": "preempted", "step": state.step, "by": why or "SIGTERM to a worker"}
+            )
+            raise preempt.Preempted(why or "SIGTERM to a worker")
         if run.fail_at_step is not None and state.step == run.fail_at_step:
             raise RuntimeError(f"GRAFT_FAIL_AT_STEP={run.fail_at_step}: injected failure")
         if run.stop_at_step is not None and state.step == run.stop_at_step:
@@ -853,7 +926,12 @@ def save_checkpoint(run: Run, engine: Any, state: State) -> None:
         shutil.rmtree(directory)  # a half-written one from a crashed attempt
     _barrier()
     ckpt.save(
-        engine, directory, rank=run.rank, world_size=run.world, state=dataclasses.asdict(state)
+        engine,
+        directory,
+        rank=run.rank,
+        world_size=run.world,
+        state=dataclasses.asdict(state),
+        barrier=_barrier,
     )
     _barrier()
     if run.rank == 0:

@@ -90,6 +90,12 @@ def test_rendered_rayjobs_validate_and_carry_the_config(
         and "cluster.address=auto" in spec["entrypoint"]
     )
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
+    # a lost worker restarts the gang; an evicted pod has time to checkpoint
+    assert "train.max_failures=2" in spec["entrypoint"]
+    pods = [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
+    assert [p["template"]["spec"]["terminationGracePeriodSeconds"] for p in pods] == [
+        k8s.GRACE_S
+    ] * len(pods)
     group = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == replicas
     resources = group["template"]["spec"]["containers"][0]["resources"]

@@ -1,0 +1,91 @@
+"""Preemption: SIGTERM, what Kubernetes sends a pod before evicting it (then SIGKILL
+after the pod's grace period), asks for a checkpoint at the next step boundary.
+
+- SIGTERM to a worker: the worker's handler (installed in its main thread, where Ray
+  runs actor tasks) notes it; at the end of the step every rank agrees (an all-reduce),
+  writes a checkpoint and stops. The driver restarts the gang, which resumes from that
+  checkpoint (a preemption does not count against ``train.max_failures``).
+- SIGTERM to the driver: its handler writes ``<run>/PREEMPT``, which every rank looks
+  for at each step boundary; the run checkpoints and stops, and the driver exits 143
+  (128 + SIGTERM) saying how to resume.
+
+Either way at most the step in flight is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+MARKER = "PREEMPT"
+EXIT_CODE = 128 + signal.SIGTERM
+
+_asked: str | None = None  # this worker process got SIGTERM (set by its handler)
+
+
+class Preempted(Exception):
+    """Raised on every rank of a run that checkpointed and stopped for a preemption."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _asked
+    _asked = f"SIGTERM to worker pid {os.getpid()}"
+
+
+def install_worker_handler() -> int:
+    """Run in a Train worker's main thread: SIGTERM then asks for a checkpoint instead
+    of ending the process at once. Returns the pid."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    return os.getpid()
+
+
+def install_in_this_worker() -> None:
+    """From the training thread: the handler installed by an actor task on this worker
+    (the actor's tasks run in its main thread, the only one that may set handlers)."""
+    import ray
+
+    actor = ray.get_runtime_context().current_actor
+    ray.get(actor.execute.remote(install_worker_handler))
+
+
+def asked(run_dir: Path) -> str | None:
+    """Why this run should checkpoint and stop now (None: it should not)."""
+    if _asked is not None:
+        return _asked
+    if (run_dir / MARKER).exists():
+        return "SIGTERM to the driver"
+    return None
+
+
+def clear(run_dir: Path) -> None:
+    """A new session of the run: a marker left by an earlier preempted driver is done."""
+    (run_dir / MARKER).unlink(missing_ok=True)
+
+
+@contextmanager
+def on_driver_sigterm(run_dirs: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """While inside: SIGTERM to this (driver) process marks the runs for preemption
+    (``state["signalled"]`` becomes True) instead of killing it."""
+    state: dict[str, Any] = {"signalled": False}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        state["signalled"] = True
+        for d in run_dirs:
+            if d.is_dir():
+                (d / MARKER).touch()
+        print("graft: SIGTERM: checkpointing at the next step boundary, then stopping", flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (a test driving run() from a thread)
+        yield state
+        return
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)
