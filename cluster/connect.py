@@ -9,6 +9,8 @@ Nothing here runs at import time. The embedded cluster binds to loopback on free
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import random
@@ -149,6 +151,84 @@ def _local_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+# ------------------------------------------------------------------ embedded clusters
+# An embedded cluster is started by its driver (ray.init(address="local")). A driver
+# that exits stops it; one killed with SIGKILL takes Ray's GCS and raylet with it, but
+# not every process they started (the dashboard and runtime-env agents live on,
+# orphaned). Each embedded cluster is recorded in $GRAFT_HOME/embedded/<driver pid>.json
+# with its session directory; the next embedded start stops what a dead driver's
+# session left running, and only that (never another Ray on the machine).
+EMBEDDED = "embedded"
+
+
+def _embedded_dir() -> Path:
+    return Path(os.environ.get("GRAFT_HOME", Path.home() / ".graft")) / EMBEDDED
+
+
+def _record_embedded(session_dir: str) -> Path:
+    import atexit
+
+    folder = _embedded_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / f"{os.getpid()}.json"
+    record.write_text(json.dumps({"driver_pid": os.getpid(), "session_dir": session_dir}))
+    atexit.register(record.unlink, missing_ok=True)
+    return record
+
+
+def session_processes(session_dir: str) -> list[Any]:
+    """The processes of a Ray session: those that name its directory on their command
+    line or hold a file open in it (Ray's agents retitle themselves, but keep their
+    logs open)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if session_dir in " ".join(proc.info["cmdline"] or ()) or any(
+                f.path.startswith(session_dir) for f in proc.open_files()
+            ):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def reap_stale_embedded() -> list[int]:
+    """Stop what the embedded clusters of dead drivers left running; the pids stopped."""
+    import psutil
+
+    stopped: list[int] = []
+    folder = _embedded_dir()
+    for record in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            info = json.loads(record.read_text())
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
+            continue
+        if psutil.pid_exists(info["driver_pid"]) and info["driver_pid"] != os.getpid():
+            continue  # its driver still runs (its cluster is in use)
+        procs = session_processes(info["session_dir"])
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        stopped += [p.pid for p in procs]
+        if procs:
+            print(
+                f"graft: stopped {len(procs)} Ray process(es) left by the embedded cluster of a "
+                f"killed driver (pid {info['driver_pid']}, {info['session_dir']})",
+                flush=True,
+            )
+        record.unlink(missing_ok=True)
+    return stopped
+
+
 def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
     """Start or join Ray; returns {"address", "dashboard"}. Checks the workers fit first
     (embedded: before starting Ray; remote: right after connecting)."""
@@ -185,6 +265,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             gpus=_local_gpus(),
             where=f"the embedded cluster (cluster.num_cpus={num_cpus})",
         )
+        reap_stale_embedded()
         ctx = ray.init(
             # "local": always a new cluster for this process, even where `ray start`
             # left a cluster (or its address file) on this machine.
@@ -197,6 +278,9 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
         )
+        node = ray._private.worker._global_node
+        assert node is not None  # (ray.init just started it)
+        _record_embedded(node.get_session_dir_path())
     else:
         probe(cluster.address)
         try:

@@ -59,6 +59,9 @@ FAIL_AT_STEP_ENV = "GRAFT_FAIL_AT_STEP"
 # ... or, in a pool's gang, the run stops there as a cancelled one does (its engine torn
 # down, its checkpoints left as they are) and the gang takes the next run.
 STOP_AT_STEP_ENV = "GRAFT_STOP_AT_STEP"
+# ... or every optimizer step takes at least this long (seconds): a tiny model's steps
+# made as slow as a real one's, for tests that signal a run between two steps.
+STEP_SLEEP_ENV = "GRAFT_STEP_SLEEP_S"
 
 
 @dataclasses.dataclass
@@ -70,7 +73,12 @@ class Summary:
 
 def debug_knobs() -> dict[str, Any]:
     knobs = {"fail_at_step": FAIL_AT_STEP_ENV, "stop_at_step": STOP_AT_STEP_ENV}
-    return {key: int(os.environ[env]) for key, env in knobs.items() if os.environ.get(env)}
+    found: dict[str, Any] = {
+        key: int(os.environ[env]) for key, env in knobs.items() if os.environ.get(env)
+    }
+    if os.environ.get(STEP_SLEEP_ENV):
+        found["step_sleep_s"] = float(os.environ[STEP_SLEEP_ENV])
+    return found
 
 
 def max_failures(cfg: FinetuneConfig) -> int:
@@ -270,13 +278,15 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
     print(f"graft: Ray at {cluster['address']}, dashboard {cluster['dashboard']}")
     for cfg, run_dir in prepared:
         _create(cfg, run_dir)
-    session = uuid.uuid4().hex[:12]
     total = sum(cfg.train.max_steps for cfg, _ in prepared)
     preempted_at: dict[Path, int] = {}
     todo = list(prepared)
     with preempt.on_driver_sigterm([d for _, d in prepared]) as driver:
         while todo:
             (head, head_dir), rest = todo[0], todo[1:]
+            # One session per fit: a second start in it is Ray Train's restart after a
+            # failure (a preempted gang's successor is a new fit, a new session).
+            session = uuid.uuid4().hex[:12]
             trainer = make_trainer(head, head_dir, started=started, more=rest, session=session)
             with follow(
                 head_dir / runlog.METRICS,

@@ -15,7 +15,10 @@ Either way at most the step in flight is lost.
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,22 +73,46 @@ def clear(run_dir: Path) -> None:
 @contextmanager
 def on_driver_sigterm(run_dirs: Sequence[Path]) -> Iterator[dict[str, Any]]:
     """While inside: SIGTERM to this (driver) process marks the runs for preemption
-    (``state["signalled"]`` becomes True) instead of killing it."""
+    (``state["signalled"]`` becomes True) instead of killing it. The marker is written
+    at once by a thread woken through the signal's wakeup fd: the main thread, blocked
+    in Ray's fit, would run a Python handler only a second or so later (steps lost)."""
     state: dict[str, Any] = {"signalled": False}
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    def mark() -> None:
+        if state["signalled"]:
+            return
         state["signalled"] = True
         for d in run_dirs:
             if d.is_dir():
                 (d / MARKER).touch()
-        print("graft: SIGTERM: checkpointing at the next step boundary, then stopping", flush=True)
+        print(
+            "graft: SIGTERM: checkpointing at the next step boundary, then stopping", flush=True
+        )
 
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: mark())
     except ValueError:  # not the main thread (a test driving run() from a thread)
         yield state
         return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            ready, _, _ = select.select([reader], [], [], 0.5)
+            if ready and signal.SIGTERM in reader.recv(64):
+                mark()
+
+    watcher = threading.Thread(target=watch, daemon=True, name="graft-sigterm")
+    watcher.start()
     try:
         yield state
     finally:
+        done.set()
+        watcher.join()
+        signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGTERM, previous)
+        reader.close()
+        writer.close()

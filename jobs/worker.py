@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -48,6 +49,8 @@ from jobs.strategies import Phase
 from jobs.strategies.discriminative import param_groups
 
 CHECKPOINTS = "checkpoints"
+# Test-only (jobs.finetune.STEP_SLEEP_ENV): the least time an optimizer step takes.
+_STEP_SLEEP_S = 0.0
 # The events that begin a session of a run (a second one in a session: a restart).
 STARTS = ("start", "resume")
 
@@ -62,6 +65,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     debug = loop_config.get("debug", {})
+    global _STEP_SLEEP_S
+    _STEP_SLEEP_S = float(debug.get("step_sleep_s", 0.0))
     preempt.install_in_this_worker()
     if "serve" in loop_config:
         serve(loop_config["serve"], rank=rank, world=world)
@@ -211,6 +216,7 @@ class Run:
     fail_at_step: int | None = None
     stop_at_step: int | None = None  # (a pool's run: stops there as if cancelled)
     session: str | None = None  # (train_one's)
+    pids: list[int] = dataclasses.field(default_factory=list)  # each rank's process
     # Where reports go (ray.train.report, or a pool's dispatcher), and what runs after
     # every optimizer step (a pool run's cancellation check): see train_one.
     report: Any = None
@@ -367,6 +373,10 @@ def setup(
     digest = config_digest(cfg)
     if not _ranks_agree(digest):
         raise RuntimeError(f"rank {rank}: the workers were given different configs")
+    pids: list[Any] = [os.getpid()]
+    if torch.distributed.is_initialized() and world > 1:
+        pids = [None] * world
+        torch.distributed.all_gather_object(pids, os.getpid())
     log = runlog.RunLog(run_dir, enabled=rank == 0)
     before = runlog.read(run_dir) if rank == 0 and session else []
     resume_from = _usable_checkpoint(run_dir / CHECKPOINTS, rank=rank, world=world, log=log)
@@ -414,6 +424,7 @@ def setup(
         digest=digest,
         resume_from=resume_from,
         session=session,
+        pids=pids,
         fail_at_step=fail_at_step,
         streams=streams,
         task_evals=task_evals,
@@ -589,6 +600,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "phase": phase.index,
                 "checkpoint": str(run.resume_from),
                 "session": run.session,
+                "pids": run.pids,
             }
         )
         run.resume_from = None
@@ -614,6 +626,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "config_digest": run.digest,
                 "num_phases": len(run.phases),
                 "session": run.session,
+                "pids": run.pids,
                 # from the run's start (a pool: its submission) to its engine, ready to train
                 "startup_s": time.time() - run.started,
             }
@@ -721,6 +734,8 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
         if state.micro_step % train.grad_accum_steps:
             continue
         norms.average_running_stats(engine.module)
+        if _STEP_SLEEP_S:
+            time.sleep(_STEP_SLEEP_S)
         state.step += 1
         run.poll()
         last = state.step == train.max_steps or _epochs_done(run, state)
