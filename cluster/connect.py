@@ -119,13 +119,43 @@ def probe(address: str, timeout_s: float = 5.0) -> None:
             "cluster.address", f"{address!r} is not host:port, ray://host:port or 'auto'"
         )
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
+            reply = _http2_reply(conn)
     except OSError as e:
         raise ConnectionError(
             f"cluster.address: nothing answers at {address!r} ({e.strerror or e}); "
             "is the Ray head running, and is this its GCS port (host:port) or Ray client port (ray://host:10001)?"
         ) from None
+    if len(reply) < 4 or reply[3] != 0x04:  # Ray's GCS and client server speak gRPC
+        raise ConnectionError(
+            f"cluster.address: something answers at {address!r}, but it is not Ray (no gRPC "
+            f"reply; it sent {reply[:16]!r}): another server has this port; give the Ray "
+            "head's GCS address (host:port, as `ray start --head` or `graft cluster status` "
+            "prints it) or its client port (ray://host:10001)"
+        )
+
+
+def _http2_reply(conn: socket.socket) -> bytes:
+    """The first bytes a server sends after an HTTP/2 preface and empty SETTINGS frame:
+    a gRPC server answers with its own SETTINGS frame (type 4 in byte 3)."""
+    conn.settimeout(3)
+    conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    try:
+        return conn.recv(64)
+    except OSError:
+        return b""
+
+
+def token_source() -> str:
+    """Where this process's Ray token comes from, for error messages."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the RAY_AUTH_TOKEN variable"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"the file in RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file():
+        return f"{default}"
+    return "nowhere (no RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -293,8 +323,10 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         except Exception as e:  # Ray raises ConnectionError, RuntimeError or auth errors here
             raise ConnectionError(
                 f"cluster.address: could not connect to Ray at {cluster.address!r}: {e}. "
-                "Check the address (host:port of the GCS, or ray://host:10001) and, with token auth, "
-                "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."
+                "Check the address (host:port of the GCS, or ray://host:10001) and the token: "
+                f"this process's comes from {token_source()} (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; the cluster's is in its head's "
+                "~/.ray/auth_token)."
             ) from None
         resources = ray.cluster_resources()
         check_capacity(

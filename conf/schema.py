@@ -184,6 +184,13 @@ class DataConfig:
             )
         if self.labels is not None and len(set(self.labels)) < 2:
             raise ConfigError("data.labels", f"needs at least 2 distinct labels, got {self.labels}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            twice = sorted({x for x in self.labels if self.labels.count(x) > 1})
+            raise ConfigError(
+                "data.labels",
+                f"names {twice} more than once (a head would get an output per entry); "
+                "allowed: each label once",
+            )
 
 
 @dataclass

@@ -5,29 +5,103 @@ python -c "from jobs.config import compose; print(compose(['strategy=lora']).str
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 import conf.schema  # noqa: F401  registers the schemas in Hydra's ConfigStore
-from conf.schema import FinetuneConfig
+from conf.schema import ConfigError, FinetuneConfig
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "finetune") -> FinetuneConfig:
     """The config ``graft finetune OVERRIDES`` would run, checked (raises ConfigError).
     ``config_name="sweep"`` composes ``graft sweep``'s config (conf/sweep.yaml)."""
+    check_override_keys(overrides)
     with tempfile.TemporaryDirectory(prefix="graft-experiment-") as tmp:
         resolved = _experiment_overrides(overrides, Path(tmp))
         with initialize_config_module(version_base=None, config_module="conf"):
             node = hydra_compose(config_name=config_name, overrides=resolved)
         return to_plain(node)
+
+
+def _leaf_type(hint: Any) -> tuple[Any, bool]:
+    """(the type inside Optional[...], whether None is allowed)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Any), True
+    return hint, False
+
+
+def check_override_keys(overrides: Sequence[str]) -> None:
+    """Every dotted override names a key of the schema (with "did you mean ...?" for a
+    typo, also after ``+``: Hydra would add an unknown key that nothing reads), and a
+    number or flag key gets a value of its type. Keys under free-form fields (dicts,
+    lists, ``Any``) and group choices (``model=x``) are Hydra's to check."""
+    import difflib
+
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or parts[0] in ("hydra", "experiment"):
+            continue
+        node: Any = FinetuneConfig
+        for depth, part in enumerate(parts):
+            hint, nullable = _leaf_type(node)
+            if not dataclasses.is_dataclass(hint):
+                break  # free-form below here
+            hints = typing.get_type_hints(hint)
+            if part not in hints:
+                where = ".".join(parts[:depth])
+                close = difflib.get_close_matches(part, list(hints), n=1, cutoff=0.6)
+                guess = f"did you mean `{where}.{close[0]}`? " if close else ""
+                raise ConfigError(
+                    key,
+                    f"no such key; {guess}{where} has: {', '.join(sorted(hints))}"
+                    + (" (a + does not add keys graft reads)" if override.startswith("+") else ""),
+                )
+            node = hints[part]
+        else:
+            _check_value(key, value, node)
+
+
+def _check_value(key: str, value: str, hint: Any) -> None:
+    leaf, nullable = _leaf_type(hint)
+    text = value.strip()
+    if text.startswith("${") or (nullable and text.lower() in ("null", "none", "~")):
+        return
+    kinds = {int: "an integer", float: "a number", bool: "true or false"}
+    if leaf not in kinds:
+        return
+    try:
+        if leaf is bool:
+            ok = text.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0")
+        elif leaf is int:
+            int(text)
+            ok = True
+        else:
+            float(text)
+            ok = True
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            key,
+            f"{value!r} is not {kinds[leaf]}; {key} takes {kinds[leaf]}"
+            + (" or null" if nullable else ""),
+        )
 
 
 def _experiment_overrides(overrides: Sequence[str], tmp: Path) -> list[str]:

@@ -85,9 +85,7 @@ def on_driver_sigterm(run_dirs: Sequence[Path]) -> Iterator[dict[str, Any]]:
         for d in run_dirs:
             if d.is_dir():
                 (d / MARKER).touch()
-        print(
-            "graft: SIGTERM: checkpointing at the next step boundary, then stopping", flush=True
-        )
+        print("graft: SIGTERM: checkpointing at the next step boundary, then stopping", flush=True)
 
     try:
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: mark())

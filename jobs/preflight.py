@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from conf.schema import ConfigError, FinetuneConfig, TermConfig
 from jobs import data as data_lib
 from jobs import strategies, tasks
@@ -56,6 +58,10 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
         raise ConfigError(
             "strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0"
         )
+    _check_schedule(cfg)
+    _check_context(cfg)
+    if cfg.strategy.name == "lora":
+        _check_lora_targets(cfg, layout)
     task = tasks.get(cfg.model)
     _check_modality(cfg, layout, task)
     if task.modality == "image":
@@ -81,6 +87,77 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
 
 
 _READS = {"text": "text", "image": "images"}
+
+
+def _check_schedule(cfg: FinetuneConfig) -> None:
+    """An eval or checkpoint interval beyond the run never comes: the user meant less."""
+    train = cfg.train
+    for key in ("eval_every", "checkpoint_every"):
+        every = getattr(train, key)
+        if every > train.max_steps:
+            raise ConfigError(
+                f"train.{key}",
+                f"{every} is more than train.max_steps={train.max_steps}, so it would never "
+                f"come (only the last step would); allowed: 1..{train.max_steps}",
+            )
+
+
+def _check_context(cfg: FinetuneConfig) -> None:
+    """data.max_length within the model's positions (text models)."""
+    try:
+        config = hf_config(cfg.model)
+    except Exception:  # (an image model's config, or one checked elsewhere)
+        return
+    text = getattr(config, "text_config", None) or config
+    limit = next(
+        (
+            getattr(text, k)
+            for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+            if isinstance(getattr(text, k, None), int)
+        ),
+        None,
+    )
+    if limit is not None and getattr(config, "model_type", "") != "t5":
+        if cfg.data.max_length > limit:
+            raise ConfigError(
+                "data.max_length",
+                f"{cfg.data.max_length} is beyond {cfg.model.name}'s context of {limit} "
+                f"positions; allowed: 1..{limit}",
+            )
+
+
+def _check_lora_targets(cfg: FinetuneConfig, layout: Layout) -> None:
+    """Every strategy.lora.target_modules name is a module inside the adapted blocks (on
+    the meta device: no weights read), so peft does not fail a minute into the workers."""
+    targets = cfg.strategy.lora.target_modules
+    if not targets:
+        return
+    from jobs.plan.trace import _meta_model
+
+    model, _, _ = _meta_model(cfg)
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        import difflib
+
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and "." in name
+            }
+        )
+        hints = [
+            f"{t!r} -> did you mean {close[0]!r}?"
+            for t in missing
+            if (close := difflib.get_close_matches(t, linear, n=1))
+        ]
+        raise ConfigError(
+            "strategy.lora.target_modules",
+            f"{missing} match no module of {cfg.model.name}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; allowed: names of its linear layers, {linear}",
+        )
 
 
 def _check_modality(cfg: FinetuneConfig, layout: Layout, task: tasks.Task) -> None:

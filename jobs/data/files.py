@@ -17,10 +17,17 @@ def _check_record(
     present = [f for f in forbid if record.get(f) not in (None, "")]
     if present:
         raise ConfigError(key, f"{where}: has field(s) {present}, which this file must not have")
-    missing = [f for f in fields if f not in record or record[f] in (None, "")]
+    missing = [f for f in fields if f not in record or record[f] is None]
     if missing:
         raise ConfigError(
             key, f"{where}: missing field(s) {missing}; the record has {sorted(record)}"
+        )
+    blank = [f for f in fields if not str(record[f]).strip()]
+    if blank:
+        raise ConfigError(
+            key,
+            f"{where}: field(s) {blank} are empty or only whitespace; every field "
+            f"{list(fields)} needs text",
         )
     return {f: str(record[f]) for f in fields}
 
@@ -143,7 +150,15 @@ def _read_file(
         raise ConfigError(
             key, f"{path.name}: unknown format {path.suffix!r}; allowed: {', '.join(READERS)}"
         )
-    records = reader(path, cfg, fields, key, forbid, select)
+    try:
+        records = reader(path, cfg, fields, key, forbid, select)
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            key,
+            f"{path}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at offset "
+            f"{e.start}); allowed: UTF-8 encoded {', '.join(READERS)} files (re-encode it, "
+            "e.g. iconv -f latin1 -t utf-8)",
+        ) from None
     if not records:
         which = f" with {select[0]}={select[1]!r}" if select else ""
         raise ConfigError(key, f"{path} holds no examples{which}")

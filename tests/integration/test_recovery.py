@@ -212,8 +212,8 @@ def test_a_killed_and_a_preempted_driver(
     second = _driver(args, env, log)
     count = len(runlog.read(run_dir))
     _wait_for(lambda: _logged_step(run_dir, after=count) >= 6, why="step 6 of the rerun")
-    said = log.read_text()
-    assert "left by the embedded cluster of a killed driver" in said
+    # the rerun stopped them as it started (they may also have died on their own by
+    # then: tests/unit/test_local_cluster.py provokes the reaping itself)
     assert session_processes(session_dir) == []
     term_after = _logged_step(run_dir)
     second.send_signal(signal.SIGTERM)

@@ -80,3 +80,49 @@ def test_a_head_that_cannot_bind_its_port_is_reported_at_once(
     assert time.time() - started < 120
     assert f"{port} because it's already occupied" in str(failed.value)  # the log's tail
     assert local.read_state() is None  # nothing left behind: `down` ran
+
+
+def test_the_processes_a_killed_drivers_embedded_ray_left_are_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process holding a file open in a dead driver's Ray session (as Ray's agents
+    do, retitled) is stopped; one of a session whose driver lives is left alone."""
+    import json
+    import subprocess
+    import sys
+
+    from cluster import connect
+
+    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / connect.EMBEDDED
+    folder.mkdir(parents=True)
+
+    def agent(session: Path) -> subprocess.Popen[bytes]:
+        session.mkdir()
+        hold = f"f = open({str(session / 'agent.log')!r}, 'w'); import time; time.sleep(120)"
+        proc = subprocess.Popen([sys.executable, "-c", hold])
+        deadline = time.time() + 20
+        while not connect.session_processes(str(session)) and time.time() < deadline:
+            time.sleep(0.05)
+        return proc
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = agent(tmp_path / "session_dead")
+    (folder / f"{dead.pid}.json").write_text(
+        json.dumps({"driver_pid": dead.pid, "session_dir": str(tmp_path / "session_dead")})
+    )
+    alive = agent(tmp_path / "session_alive")
+    (folder / f"{alive.pid}.json").write_text(
+        json.dumps({"driver_pid": alive.pid, "session_dir": str(tmp_path / "session_alive")})
+    )
+    try:
+        assert connect.reap_stale_embedded() == [orphan.pid]
+        assert orphan.wait(timeout=10) is not None
+        assert not (folder / f"{dead.pid}.json").exists()
+        assert alive.poll() is None and (folder / f"{alive.pid}.json").exists()
+        assert connect.reap_stale_embedded() == []
+    finally:
+        for proc in (orphan, alive):
+            proc.kill()
+            proc.wait()
