@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from conf.schema import FinetuneConfig, ParamSpec
+from jobs import runlog
 
 REPORT = "report"
 STRATEGY_COLORS = {
@@ -43,6 +46,13 @@ class TrialRow:
     # From a finished trial's end record, shown beside the objectives: the forgetting
     # probe's ``forgotten`` (eval.source_path), a multi-task run's per-task accuracies.
     extras: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """A plot written whole (beside it, then renamed): see runlog.write_atomic."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
 
 
 def load_config(sweep_dir: Path) -> FinetuneConfig:
@@ -128,7 +138,7 @@ def plot_history(rows: list[TrialRow], metric: str, mode: str, path: Path) -> No
     ax.set(xlabel="trial", ylabel=metric, title="Optimization history")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -153,7 +163,7 @@ def plot_curves(rows: list[TrialRow], metric: str, eval_every: int, path: Path) 
     if len(rows) <= 12:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -192,7 +202,7 @@ def plot_slices(rows: list[TrialRow], space: dict[str, ParamSpec], metric: str, 
         ax.axis("off")
     fig.suptitle("Slices: each parameter against the objective (complete trials)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -203,7 +213,7 @@ def plot_importances(importances: dict[str, float], path: Path) -> None:
     ax.barh(names, [importances[n] for n in names])
     ax.set(xlabel="importance (Optuna PED-ANOVA)", title="Parameter importances")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -224,7 +234,7 @@ def plot_pareto(rows: list[TrialRow], front: set[int], names: list[str], path: P
     ax.set(xlabel=names[0], ylabel=names[1], title="Pareto front")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -240,7 +250,7 @@ def plot_baselines(
         ax.text(i, v, f"{v:.4g}", ha="center", va="bottom")
     ax.set(ylabel=metric, title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -371,14 +381,15 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
             f"Params: {space_lib.describe(best['params'])}",
         ]
         best_yaml = out / "best.yaml"
-        best_yaml.write_text(experiment_yaml(trial_cfg, header))
+        runlog.write_atomic(best_yaml, experiment_yaml(trial_cfg, header))
 
     md = _markdown(
         meta, rows, counts, objectives, best, summary, verdict, plots, notes, front, best_yaml
     )
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(
-        _html(meta, rows, counts, objectives, best, verdict, plots, notes, front, best_yaml)
+    runlog.write_atomic(out / "report.md", md)
+    runlog.write_atomic(
+        out / "report.html",
+        _html(meta, rows, counts, objectives, best, verdict, plots, notes, front, best_yaml),
     )
     return out
 

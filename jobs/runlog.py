@@ -7,6 +7,8 @@ file reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,15 @@ def read(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds either its old content or ``text``, never a part: written to a
+    file of this process's own beside it, then renamed over it. Two sweep drivers that
+    finish together write the same summary and report files while the other reads them."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 # What happened to the run itself stays through a resume's truncation.

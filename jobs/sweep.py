@@ -467,8 +467,9 @@ def run(
     study = study_lib.open_study(sweep, storage, study_name)
     base = space_lib.trial_base(cfg)
     evals = space_lib.evaluations(base)
-    (sweep_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    (sweep_dir / "sweep.json").write_text(
+    runlog.write_atomic(sweep_dir / "config.yaml", config_lib.to_yaml(cfg))
+    runlog.write_atomic(
+        sweep_dir / "sweep.json",
         json.dumps(
             {
                 "name": name,
@@ -487,7 +488,7 @@ def run(
                 "full_steps": cfg.train.max_steps,
             },
             indent=2,
-        )
+        ),
     )
     console.print(f"graft: sweep {name} -> {sweep_dir}")
     console.print(
@@ -573,7 +574,7 @@ def run(
         spent=steps_used(study, base.train.eval_every, base.train.max_steps)[0],
         complete=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
     )
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    runlog.write_atomic(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     _print_summary(summary, time.time() - started)
     report_dir = None
     if report:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -203,3 +204,42 @@ def test_several_refused_keys_are_named_together(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         resume_lib.check_rerun(_cfg("train.lr=0.5", "train.seed=9"), run_dir)
     assert "train.lr" in str(raised.value) and "train.seed" in str(raised.value)
+
+
+# --------------------------------------------------------------------------- two drivers
+def _collide(path: Path, write: Any, seconds: float) -> list[str]:
+    """Two "drivers" finishing together: each writes the summary and reads it back (as
+    its report does) in a loop; the read errors they hit."""
+    import threading
+    import time
+
+    summary = json.dumps({"trials": [{"n": i, "value": i / 7} for i in range(40000)]})
+    errors: list[str] = []
+    stop = time.time() + seconds
+
+    def driver() -> None:
+        while time.time() < stop and not errors:
+            write(path, summary)
+            try:
+                json.loads(path.read_text())
+            except ValueError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=driver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_two_drivers_finishing_together_never_read_half_a_summary(tmp_path: Path) -> None:
+    """The cause of test_two_drivers_share_a_postgresql_study's failure: both drivers
+    wrote summary.json (and the report's files) with write_text, which truncates first,
+    while the other's report read it: "Expecting value" for one of them, exit 1. Here
+    the collision is made on purpose: plain writes show it, the atomic writes do not."""
+    plain = _collide(tmp_path / "plain.json", lambda p, t: p.write_text(t), seconds=20)
+    assert plain, "the plain writes did not collide in 20 s (the provocation failed)"
+    atomic = _collide(tmp_path / "summary.json", runlog.write_atomic, seconds=3)
+    assert atomic == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "summary.json"]
