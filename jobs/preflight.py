@@ -59,10 +59,11 @@ def preflight(cfg: FinetuneConfig) -> Preflight:
             "strategy.num_trainable_blocks", "lora needs >= 1 block to put adapters in, got 0"
         )
     _check_schedule(cfg)
-    _check_context(cfg)
     if cfg.strategy.name == "lora":
         _check_lora_targets(cfg, layout)
     task = tasks.get(cfg.model)
+    if task.modality != "image":
+        _check_context(cfg)
     _check_modality(cfg, layout, task)
     if task.modality == "image":
         _check_image_size(cfg)

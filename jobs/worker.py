@@ -93,9 +93,11 @@ def serve(spec: dict[str, Any], *, rank: int, world: int) -> None:
 
     dispatcher, slot = spec["dispatcher"], spec["slot"]
     seq = 0
+    global _STEP_SLEEP_S
     while (job := ray.get(dispatcher.take.remote(slot, seq))) is not None:
         seq += 1
         outcome = "complete"
+        _STEP_SLEEP_S = float(job.get("step_sleep_s", 0.0))  # (test-only, per submission)
         try:
             train_one(
                 job["cfg"],

@@ -124,7 +124,7 @@ def test_a_cluster_address_is_checked_even_beside_a_connected_session(
     on the session's cluster instead, depending on which test ran first)."""
     for address, says in (
         ("127.0.0.1:1", "nothing answers"),
-        ("127.0.0.1:5432", "already connected to Ray"),  # PostgreSQL answers, Ray does not
+        ("127.0.0.1:5432", "but it is not Ray"),  # PostgreSQL answers, Ray does not
     ):
         result = _cli(
             "finetune",

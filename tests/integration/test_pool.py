@@ -9,6 +9,9 @@ starts a fresh gang for the next run.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from jobs import config as config_lib
 from jobs import runlog
 from jobs.config import compose
-from jobs.finetune import FAIL_AT_STEP_ENV
+from jobs.finetune import FAIL_AT_STEP_ENV, STEP_SLEEP_ENV
 from jobs.pool import Pool
 from tests.conftest import tiny_overrides
 
@@ -91,9 +94,30 @@ def test_one_gang_trains_runs_in_turn_cancels_and_survives_a_failure(
         with pytest.raises(RuntimeError, match="GRAFT_FAIL_AT_STEP=3"):
             list(pool.results("crash"))
         monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
+        # A trial's worker SIGKILLed (train.max_failures=1): the slot starts a fresh gang
+        # and the run is queued again; it resumes from its checkpoint at step 4 and ends
+        # as the uninterrupted run did.
+        killed = _cfg(data_dir, tmp_path, "killed", "train.max_failures=1")
+        monkeypatch.setenv(STEP_SLEEP_ENV, "0.3")  # (read at submission)
+        pool.submit("killed", killed, tmp_path / "killed")
+        monkeypatch.delenv(STEP_SLEEP_ENV)
+        log = tmp_path / "killed"
+        deadline = time.time() + 300
+        while max((r["step"] for r in runlog.read(log) if "loss" in r), default=0) < 5:
+            assert time.time() < deadline, "the run did not reach step 5"
+            time.sleep(0.05)
+        start = next(r for r in runlog.read(log) if r.get("event") == "start")
+        os.kill(start["pids"][1], signal.SIGKILL)
+        assert [r for r in pool.results("killed") if r.get("final")]
+        records = runlog.read(log)
+        assert [r["attempt"] for r in records if r.get("event") == "failure"] == [1]
+        assert [r["step"] for r in records if r.get("event") == "resume"] == [4]
+        assert _losses(log) == pytest.approx(first, rel=1e-6)
+
         c = _cfg(data_dir, tmp_path, "c")
         assert pool.run_all([("c", c, tmp_path / "c")])[0]["final"] == 1
         assert _losses(tmp_path / "c") == pytest.approx(first, rel=1e-6)
     finally:
         fits = pool.close()
-    assert fits == [2]  # one gang for six runs, one more after the crash
+    assert fits == [3]  # one gang for six runs, one more after the crash, one after the kill
