@@ -91,7 +91,8 @@ def _saved(path: Path) -> dict[str, Any] | None:
 def check_rerun(cfg: FinetuneConfig, run_dir: Path) -> Rerun | None:
     """None for a fresh run (no complete checkpoint); else what will be resumed, with the
     config to run. Raises ConfigError naming every key that cannot change on a resume."""
-    latest = ckpt.latest_complete(run_dir / "checkpoints")
+    # (the sizes only: the workers hash the files before they load one)
+    latest = ckpt.latest_usable(run_dir / "checkpoints", full=False)
     if latest is None:
         return None
     meta = ckpt.read_meta(latest)
