@@ -4,6 +4,9 @@ graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspee
 graft finetune --cfg                  print the composed config and exit
 graft sweep [hydra overrides]         e.g. graft sweep sweep.num_trials=40 sweep.max_concurrent=4
 graft report runs/<sweep-name>        report.md/html, plots and best.yaml of a sweep
+graft predict runs/<run> --input FILE  the trained model on new records -> predictions.jsonl
+graft merge-lora runs/<run>           a LoRA adapter merged into its base
+graft chat runs/<run>                 talk to a causal-LM run in the terminal
 graft plan [overrides] [--num-gpus 8] [--gpu-memory 80GiB] [--recommend]   will it fit?
 graft cluster up|down|status          a local multi-process Ray cluster
 graft submit finetune|sweep [overrides] --address http://HEAD:8265
@@ -226,6 +229,102 @@ def report(
     with exits(ConfigError, FileNotFoundError, KeyError):
         out = write_report(run, storage=storage)
     typer.echo(f"{out / 'report.md'}\n{out / 'report.html'}\n{out / 'best.yaml'}")
+
+
+# --------------------------------------------------------------------------- use the model
+RunArg = Annotated[Path, typer.Argument(help="A run directory, runs/<run-name> (or its export/).")]
+
+
+@app.command()
+def predict(
+    run: RunArg,
+    input: Annotated[
+        Path, typer.Option("--input", "-i", help="Records to predict on (.jsonl, .csv, .txt).")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Where to write; default: <run>/predictions.jsonl."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per forward pass.")] = 16,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Tokens to generate (causal LM, seq2seq).")
+    ] = 64,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="Sampling temperature; 0: greedy.")
+    ] = 0.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run a trained model on new records: label + probabilities (a classifier), or a
+    generation (a causal LM or seq2seq model), one JSON line per record."""
+    from rich.progress import Progress
+
+    from conf.schema import ConfigError
+    from jobs import predict as predict_lib
+
+    with exits(ConfigError, OSError):
+        trained = predict_lib.load(run)
+        records = predict_lib.read_input(trained, input)
+    target = output or (predict_lib.run_config(run)[0] / "predictions.jsonl")
+    gen = predict_lib.Generation(max_new_tokens=max_new_tokens, temperature=temperature)
+    with Progress(console=err, disable=quiet, transient=True) as bar:
+        task = bar.add_task(f"predict ({trained.kind} model)", total=len(records))
+        rows = predict_lib.predict(
+            trained,
+            records,
+            batch_size=batch_size,
+            generation=gen,
+            progress=lambda n: bar.advance(task, n),
+        )
+        n = predict_lib.write_predictions(rows, target)
+    typer.echo(f"graft: {n} predictions -> {target}")
+
+
+@app.command("merge-lora")
+def merge_lora(
+    run: RunArg,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Default: <run>/export/merged.")
+    ] = None,
+) -> None:
+    """Merge a LoRA run's adapter into its base: a plain transformers model."""
+    from conf.schema import ConfigError
+    from jobs import predict as predict_lib
+
+    with exits(ConfigError, OSError):
+        target = predict_lib.merge_lora(run, output)
+    typer.echo(f"graft: merged model -> {target}")
+
+
+@app.command()
+def chat(
+    run: RunArg,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.7,
+) -> None:
+    """Talk to a causal-LM run in the terminal (through its tokenizer's chat template);
+    an empty line or Ctrl-D ends."""
+    from conf.schema import ConfigError
+    from jobs import predict as predict_lib
+
+    with exits(ConfigError, OSError):
+        trained = predict_lib.load(run)
+        if trained.labels is not None or trained.cfg.model.task != "causal_lm":
+            raise ConfigError(
+                "RUN", f"{run} is a {trained.cfg.model.task} run; chat needs a causal_lm one"
+            )
+    gen = predict_lib.Generation(max_new_tokens=max_new_tokens, temperature=temperature)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        reply = predict_lib.chat_reply(trained, history, gen)
+        history.append({"role": "assistant", "content": reply})
+        typer.echo(f"model> {reply}")
 
 
 # --------------------------------------------------------------------------- clusters and jobs

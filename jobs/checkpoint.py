@@ -45,10 +45,14 @@ def save(
     rank: int,
     world_size: int,
     state: dict[str, Any],
+    micro_batch_size: int,
+    grad_accum_steps: int,
     barrier: Callable[[], None] = lambda: None,
 ) -> None:
     """Every rank calls this (DeepSpeed's save is collective; ``barrier`` waits for every
-    rank's files before each hashes its share of them)."""
+    rank's files before each hashes its share of them). ``micro_batch_size`` and
+    ``grad_accum_steps`` (with the world size: the global batch, and where the data
+    order stands) let a resume on another world size keep both."""
     engine.save_checkpoint(str(directory), tag=TAG, client_state={"graft": state})
     rng = {
         "torch": torch.get_rng_state(),
@@ -60,6 +64,8 @@ def save(
         meta = {
             "step": state["step"],
             "world_size": world_size,
+            "micro_batch_size": micro_batch_size,
+            "grad_accum_steps": grad_accum_steps,
             "zero_stage": engine.zero_optimization_stage(),
             "state": state,
         }
@@ -210,21 +216,88 @@ def prune(parent: Path, *, keep: int, also: Iterable[int | None] = ()) -> list[P
     return removed
 
 
-def load(engine: Any, directory: Path, *, rank: int, world_size: int) -> dict[str, Any]:
-    meta = json.loads((directory / META).read_text())
-    if meta["world_size"] != world_size:
-        raise ValueError(
-            f"scaling.num_workers: checkpoint {directory} was written by {meta['world_size']} workers; "
-            f"resume with scaling.num_workers={meta['world_size']} or start a new run.name"
-        )
+UNIVERSAL = "universal"
+
+
+def needs_universal(directory: Path, *, world_size: int) -> bool:
+    """A checkpoint written by another number of workers under ZeRO 1-3 (whose optimizer
+    state is partitioned per worker) is loaded through DeepSpeed's universal format."""
+    meta = read_meta(directory)
+    return int(meta["world_size"]) != world_size and int(meta.get("zero_stage", 0)) > 0
+
+
+def to_universal(directory: Path) -> Path:
+    """DeepSpeed's universal checkpoint (``ds_to_universal``: every parameter's fp32
+    weights and optimizer moments whole, in ``<checkpoint>/universal``) made from the
+    checkpoint's per-worker shards, once; a half-made one (a crash) is made again. One
+    rank calls this while the others wait."""
+    out = directory / UNIVERSAL
+    done = out / "DONE"
+    if done.is_file():
+        return out
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    work = directory / f"{UNIVERSAL}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(directory / TAG),
+        output_folder=str(work),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # (graft trains no tensor-parallel slices to describe)
+    )
     try:
-        _, client_state = engine.load_checkpoint(str(directory), tag=TAG)
+        ds_to_universal.main(args)
+    except Exception as e:
+        raise RuntimeError(
+            f"checkpoint {directory}: DeepSpeed's universal conversion failed ({type(e).__name__}: "
+            f"{e}); resume it on its own {read_meta(directory)['world_size']} workers "
+            "(scaling.num_workers)"
+        ) from e
+    (directory / "latest_universal").unlink(missing_ok=True)  # (written by the converter)
+    work.rename(out)
+    done.touch()
+    return out
+
+
+def load(
+    engine: Any,
+    directory: Path,
+    *,
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Restore a checkpoint into an engine, and this rank's RNG. On another world size
+    (``needs_universal``) rank 0 makes the ``to_universal`` copy while the others wait
+    at ``barrier``, and every rank loads that (a new rank takes the RNG of the rank its
+    number wraps to). Every rank calls this (DeepSpeed's load is collective)."""
+    meta = json.loads((directory / META).read_text())
+    universal = needs_universal(directory, world_size=world_size)
+    if universal:
+        if rank == 0:
+            to_universal(directory)
+        barrier()
+    config = engine._config  # (DeepSpeed reads this flag only while loading)
+    was = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        _, client_state = engine.load_checkpoint(
+            str(directory), tag=UNIVERSAL if universal else TAG
+        )
     except Exception as e:  # (a damage the manifest could not see: an older checkpoint)
         raise RuntimeError(
             f"checkpoint {directory} could not be loaded ({type(e).__name__}: {e}); move it "
             "away to resume from the one before"
         ) from e
-    rng = torch.load(directory / f"rng.rank{rank}.pt", weights_only=False)
+    finally:
+        config.load_universal_checkpoint = was
+    rng = torch.load(directory / f"rng.rank{rank % int(meta['world_size'])}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])

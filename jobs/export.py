@@ -14,7 +14,7 @@ from typing import Any
 import peft
 
 from conf.schema import FinetuneConfig
-from jobs import objectives
+from jobs import card, objectives
 from jobs.models import build, weights_dir
 
 
@@ -31,7 +31,13 @@ def full_state_dict(engine: Any, *, terms: bool = False) -> dict[str, Any] | Non
 
 
 def export(
-    engine: Any, tokenizer: Any, cfg: FinetuneConfig, export_dir: Path, *, labels: list[str] | None
+    engine: Any,
+    tokenizer: Any,
+    cfg: FinetuneConfig,
+    export_dir: Path,
+    *,
+    labels: list[str] | None,
+    metrics: dict[str, Any] | None = None,
 ) -> None:
     whole = full_state_dict(engine, terms=True)  # (collective under ZeRO-3)
     if engine.global_rank != 0:
@@ -60,6 +66,15 @@ def export(
         (export_dir / "labels.json").write_text(json.dumps(labels))
     for term in terms:  # a term's own models (multi-task heads)
         term.export(whole, plain, export_dir, tokenizer)
+    base = cfg.model.path or cfg.model.package or cfg.model.name
+    card.write(
+        export_dir,
+        cfg,
+        metrics=metrics or {},
+        base=str(base),
+        labels=labels,
+        adapter=isinstance(module, peft.PeftModel),
+    )
 
 
 def _export_adapter(

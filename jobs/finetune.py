@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import ConfigError, FinetuneConfig
+from jobs import card, preempt, runlog
 from jobs import checkpoint as ckpt
 from jobs import config as config_lib
 from jobs import engine as engine_lib
-from jobs import preempt, runlog
 from jobs import resume as resume_lib
 from jobs.preflight import preflight
 from jobs.worker import CHECKPOINTS, State, config_digest, start_engine, train_fn_per_worker
@@ -217,6 +217,7 @@ def _create(cfg: FinetuneConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     preempt.clear(run_dir)
     (run_dir / resume_lib.CONFIG).write_text(config_lib.to_yaml(cfg))
+    card.record_command(run_dir)
 
 
 def _last_event(run_dir: Path) -> str | None:

@@ -14,8 +14,12 @@ train the same thing. Per key:
   constant lr schedule and a one-phase strategy. A linear or cosine decay (and a
   progressive strategy's phase boundaries) are laid out over max_steps, so changing it
   would rebuild them mid-run (the lr would jump): refused, start a new run from the export;
-- ``scaling.num_workers`` may not change: the checkpoint's ZeRO shards are laid out for
-  the workers that wrote it (checked here, not a minute later inside the workers);
+- ``scaling.num_workers`` may change (resume on another world size): the workers turn
+  the checkpoint's ZeRO shards into DeepSpeed's universal checkpoint and load that; the
+  global batch (micro batch x accumulation x workers) is kept: ``train.grad_accum_steps``
+  is adjusted where it divides, and ``train.micro_batch_size``/``grad_accum_steps`` may
+  be changed by hand as long as the global batch stays the same; where no accumulation
+  keeps it, the rerun is refused with the combinations that do;
 - everything else (model, data, strategy, objectives, deepspeed, the rest of train) is
   refused, each changed key named with its old and new value.
 """
@@ -48,6 +52,8 @@ MAY_CHANGE = (
     "train.eval_at_start",
     "train.max_failures",
     "train.max_steps",  # (checked on its own)
+    "train.micro_batch_size",  # (with grad_accum_steps: the global batch is checked)
+    "train.grad_accum_steps",
 )
 NEVER = ("eval.source_path",)
 
@@ -98,7 +104,11 @@ def check_rerun(cfg: FinetuneConfig, run_dir: Path) -> Rerun | None:
     meta = ckpt.read_meta(latest)
     rerun = Rerun(latest, int(meta["step"]), int(meta["world_size"]), cfg)
     saved = _saved(run_dir / CONFIG)
-    rerun.cfg = _check_world(cfg, rerun, flat(saved) if saved else {})
+    batch = flat(saved) if saved else {}
+    for key in ("micro_batch_size", "grad_accum_steps"):  # the checkpoint's own, first
+        if key in meta:
+            batch[f"train.{key}"] = meta[key]
+    rerun.cfg = _check_world(cfg, rerun, batch)
     if saved is not None:
         _check_keys(rerun.cfg, flat(saved), flat(_plain(rerun.cfg)), rerun, run_dir)
     return rerun
@@ -128,7 +138,8 @@ def _check_keys(
             "from this run's weights: model=hf model.path=<run>/export). May change on a "
             "resume: run.*, cluster.*, eval.* (not eval.source_path), scaling, train."
             "eval_every/checkpoint_every/log_every/keep_checkpoints/eval_at_start/max_failures, "
-            "and train.max_steps with train.schedule=constant",
+            "train.micro_batch_size/grad_accum_steps keeping the global batch, and "
+            "train.max_steps with train.schedule=constant",
         )
     old_steps, new_steps = old.get("train.max_steps"), cfg.train.max_steps
     if old_steps is not None and old_steps != new_steps:
@@ -156,13 +167,41 @@ def _check_keys(
 
 
 def _check_world(cfg: FinetuneConfig, rerun: Rerun, old: dict[str, Any]) -> FinetuneConfig:
-    """The checkpoints' shards are laid out for the workers that wrote them."""
+    """The global batch the checkpoints were trained with is kept on any world size:
+    the accumulation is adjusted where it divides, else the rerun is refused with the
+    micro batch x accumulation pairs that keep it."""
     world, old_world = cfg.scaling.num_workers, rerun.world_size
-    if world != old_world:
-        raise ConfigError(
-            "scaling.num_workers",
-            f"{old_world} -> {world}: the checkpoint {rerun.checkpoint} (step {rerun.step}) was "
-            f"written by {old_world} workers, and its ZeRO shards are laid out for them; "
-            f"allowed on a resume: scaling.num_workers={old_world} (or a new run.name)",
+    train = cfg.train
+    old_micro = int(old.get("train.micro_batch_size", train.micro_batch_size))
+    old_accum = int(old.get("train.grad_accum_steps", train.grad_accum_steps))
+    target = old_micro * old_accum * old_world
+    if train.micro_batch_size * train.grad_accum_steps * world == target:
+        return cfg
+    if train.grad_accum_steps == old_accum and target % (train.micro_batch_size * world) == 0:
+        accum = target // (train.micro_batch_size * world)
+        print(
+            f"graft: resuming {old_world} workers' checkpoint (step {rerun.step}) on {world}: "
+            f"train.grad_accum_steps {old_accum} -> {accum} keeps the global batch {target}",
+            flush=True,
         )
-    return cfg
+        return dataclasses.replace(cfg, train=dataclasses.replace(train, grad_accum_steps=accum))
+    pairs = [
+        f"train.micro_batch_size={m} train.grad_accum_steps={target // (m * world)}"
+        for m in range(1, target + 1)
+        if target % (m * world) == 0
+    ]
+    key = "scaling.num_workers" if world != old_world else "train.micro_batch_size"
+    allowed = (
+        "; keep it with " + " or ".join(pairs[:4])
+        if pairs
+        else f"; no micro batch and accumulation give it on {world} workers: allowed "
+        "scaling.num_workers: " + ", ".join(str(w) for w in range(1, target + 1) if target % w == 0)
+    )
+    raise ConfigError(
+        key,
+        f"the checkpoint {rerun.checkpoint} (step {rerun.step}) was trained with a global batch "
+        f"of {target} (micro batch {old_micro} x accumulation {old_accum} x {old_world} workers); "
+        f"this rerun's is {train.micro_batch_size} x {train.grad_accum_steps} x {world} = "
+        f"{train.micro_batch_size * train.grad_accum_steps * world}, and a resume keeps the "
+        f"global batch{allowed} (or give a new run.name)",
+    )

@@ -19,6 +19,7 @@ scripted learning curves); ``StratifiedASHA`` is the Tune scheduler around it.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -125,3 +126,43 @@ class StratifiedASHA(FIFOScheduler):  # type: ignore[misc]
         return (
             f"StratifiedASHA(by={self.stratify_by}, rungs={self.rule.rungs}): {self.rule.reached()}"
         )
+
+
+class _Past:
+    """A trial of an earlier driver, as a scheduler's bookkeeping sees one."""
+
+    def __init__(self, trial_id: str, params: dict[str, Any]) -> None:
+        self.trial_id, self.config = trial_id, {"params": params}
+
+
+def replay(
+    scheduler: Any, history: list[tuple[str, dict[str, Any], list[tuple[int, float]]]]
+) -> int:
+    """Feed the trials an earlier sweep driver ran (``jobs.study.finished_curves``) into
+    a fresh scheduler's rungs, as they reported, so a rerun's pruning compares against
+    every trial and not only its own. Plain ASHA/HyperBand: each past trial joins the
+    bracket Ray would have drawn for it (drawn again, seeded by its key); stratified:
+    its stratum. Returns how many trials were replayed."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    if isinstance(scheduler, StratifiedASHA):
+        for key, params, points in history:
+            for evals, value in points:
+                scheduler.rule.decide(
+                    key, scheduler.stratum({"params": params}), evals=evals, value=value
+                )
+        return len(history)
+    if isinstance(scheduler, AsyncHyperBandScheduler):
+        brackets = scheduler._brackets
+        sizes = np.array([len(b._rungs) for b in brackets])
+        probs = np.e ** (sizes - sizes.max())
+        probs = probs / probs.sum()
+        for key, params, points in history:
+            draw = np.random.default_rng(zlib.crc32(key.encode()))
+            bracket = brackets[int(draw.choice(len(brackets), p=probs))]
+            past: Any = _Past(key, params)  # (a bracket reads only trial_id)
+            sign = float(scheduler._metric_op or 1.0)
+            for evals, value in points:
+                bracket.on_result(past, evals, sign * value)
+        return len(history)
+    return 0

@@ -206,6 +206,34 @@ def origin(trial: Any) -> int:
     return int(history[0]) if history else int(trial.number)
 
 
+def finished_curves(study: Any) -> list[tuple[str, dict[str, Any], list[tuple[int, float]]]]:
+    """(key, params, [(evals, value), ...]) of every trial that has ended (complete,
+    pruned or failed) and is not being retried: what an earlier driver's scheduler saw,
+    for a new driver's to start from. One entry per run directory (a retried trial's
+    newest attempt); its intermediate values where Optuna kept them (one objective),
+    else the learning curve graft records."""
+    from optuna.trial import TrialState
+
+    newest: dict[int, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        key = origin(trial)
+        if key not in newest or trial.number > newest[key].number:
+            newest[key] = trial
+    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    out = []
+    for key, trial in sorted(newest.items()):
+        if trial.state not in ended:
+            continue  # waiting or running: it will report again
+        points = sorted(trial.intermediate_values.items()) or [
+            (int(e), float(v)) for e, v in trial.user_attrs.get("curve", [])
+        ]
+        if points:
+            out.append(
+                (f"study-{key}", dict(trial.params), [(int(e), float(v)) for e, v in points])
+            )
+    return out
+
+
 # ----------------------------------------------------------------- drivers and heartbeats
 def _process_start(pid: int) -> float | None:
     import psutil

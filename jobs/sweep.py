@@ -538,11 +538,20 @@ def run(
                     eval_every=base.train.eval_every,
                     trial_steps=base.train.max_steps,
                 )
+                from jobs.schedulers import replay
+
+                scheduler = _scheduler(cfg, evals)
+                replayed = replay(scheduler, study_lib.finished_curves(study))
+                if replayed:
+                    console.print(
+                        f"graft: the scheduler's rungs start from the {replayed} trial(s) the "
+                        "study already ended"
+                    )
                 tuner = tune.Tuner(
                     tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
                     tune_config=tune.TuneConfig(
                         search_alg=searcher,
-                        scheduler=_scheduler(cfg, evals),
+                        scheduler=scheduler,
                         num_samples=remaining,
                         max_concurrent_trials=at_once,
                         # A trial's function only hands its config to the pool and

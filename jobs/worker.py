@@ -591,9 +591,23 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
     run.current = current
     lrs = dict(zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True))
     if run.resume_from is not None and phase.index == state.phase:
-        saved = ckpt.load(current.engine, run.resume_from, rank=run.rank, world_size=run.world)
+        meta = ckpt.read_meta(run.resume_from)
+        saved = ckpt.load(
+            current.engine, run.resume_from, rank=run.rank, world_size=run.world, barrier=_barrier
+        )
         for key, value in saved.items():
             setattr(state, key, value)
+        was = (
+            int(meta["world_size"]),
+            int(meta.get("micro_batch_size", cfg.train.micro_batch_size)),
+        )
+        if was != (run.world, cfg.train.micro_batch_size):  # another world size: same data order
+            state.micro_step = data_lib.continue_order(
+                state.micro_step,
+                num_examples=len(run.train_set),
+                was=was,
+                now=(run.world, cfg.train.micro_batch_size),
+            )
         run.log.truncate_after(state.step, phase=state.phase)
         run.log.log(
             {
@@ -601,6 +615,8 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "step": state.step,
                 "phase": phase.index,
                 "checkpoint": str(run.resume_from),
+                "world_size": run.world,
+                "checkpoint_world_size": was[0],
                 "session": run.session,
                 "pids": run.pids,
             }
@@ -948,6 +964,8 @@ def save_checkpoint(run: Run, engine: Any, state: State) -> None:
         rank=run.rank,
         world_size=run.world,
         state=dataclasses.asdict(state),
+        micro_batch_size=run.cfg.train.micro_batch_size,
+        grad_accum_steps=run.cfg.train.grad_accum_steps,
         barrier=_barrier,
     )
     _barrier()
@@ -1006,7 +1024,7 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
         # (preflight keeps early stopping to one-phase strategies: the best checkpoint
         # was written by this engine)
         best_dir = run.run_dir / CHECKPOINTS / ckpt.dir_name(state.best_step)
-        ckpt.load(engine, best_dir, rank=run.rank, world_size=run.world)
+        ckpt.load(engine, best_dir, rank=run.rank, world_size=run.world, barrier=_barrier)
         last = None
     engine.eval()
     # Each held-out example's own sums (the test split, else validation), for the
@@ -1057,7 +1075,14 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
         }
     )
     if cfg.run.export:
-        export(engine, run.tokenizer, cfg, run.run_dir / "export", labels=run.dataset.labels)
+        export(
+            engine,
+            run.tokenizer,
+            cfg,
+            run.run_dir / "export",
+            labels=run.dataset.labels,
+            metrics=final,
+        )
     run.log.close()
     engine.destroy()
     # The run's result, also when a rerun found it already finished: a sweep trial's

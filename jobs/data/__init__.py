@@ -208,6 +208,29 @@ def train_batches(
         micro_step = (epoch + 1) * per_epoch
 
 
+def continue_order(
+    micro_step: int, *, num_examples: int, was: tuple[int, int], now: tuple[int, int]
+) -> int:
+    """The micro step, in a gang of ``now`` = (workers, micro batch), at which the data
+    order continues where a gang of ``was`` stopped at ``micro_step``.
+
+    Each global micro step takes the next ``workers x micro batch`` positions of the
+    epoch's shuffled order (rank r the r-th of every ``workers``), so where the order
+    stands is ``index x workers x micro batch`` positions into epoch ``epoch``; the new
+    gang goes on from there, through the rest of that epoch (its dropped remainder is
+    its own), and on to the next. With the global batch kept, the position is a whole
+    number of the new gang's micro steps: nothing repeated, nothing skipped; otherwise
+    up to one micro batch is seen twice rather than skipped."""
+    old_per = micro_batches_per_epoch(num_examples, world_size=was[0], micro_batch_size=was[1])
+    new_per = micro_batches_per_epoch(num_examples, world_size=now[0], micro_batch_size=now[1])
+    epoch, index = divmod(micro_step, old_per)
+    position = index * was[0] * was[1]
+    new_index = position // (now[0] * now[1])
+    if new_index >= new_per:
+        epoch, new_index = epoch + 1, 0
+    return epoch * new_per + new_index
+
+
 def micro_batches_per_epoch(num_examples: int, *, world_size: int, micro_batch_size: int) -> int:
     return (num_examples // world_size) // micro_batch_size
 

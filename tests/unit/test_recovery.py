@@ -170,11 +170,14 @@ def test_a_rerun_may_change_what_does_not_change_training(tmp_path: Path, change
         ("strategy=lora", "strategy.name", "'lora'"),
         ("train.seed=3", "train.seed", "-> 3"),
         ("deepspeed=zero3", "deepspeed.stage", "-> 3"),
-        ("train.micro_batch_size=4", "train.micro_batch_size", "-> 4"),
+        # the global batch is kept on a resume (8 x 1 x 2 workers = 16)
+        ("train.micro_batch_size=3", "train.micro_batch_size", "3 x 1 x 2 = 6"),
         ("eval.source_path=/tmp/x.txt", "eval.source_path", "/tmp/x.txt"),
         # a linear decay is laid out over max_steps: it would jump mid-run
         ("train.max_steps=20", "train.max_steps", "train.schedule=linear decays the lr"),
-        ("scaling.num_workers=1", "scaling.num_workers", "2 -> 1"),
+        # no micro batch x accumulation makes 4 on 3 workers
+        ("scaling.num_workers=3", "scaling.num_workers", "allowed scaling.num_workers: 1, 2, 4, 8"),
+        ("scaling.num_workers=1 train.grad_accum_steps=3", "scaling.num_workers", "keep it with"),
     ],
 )
 def test_a_rerun_that_cannot_continue_the_checkpoints_is_refused(
@@ -183,9 +186,28 @@ def test_a_rerun_that_cannot_continue_the_checkpoints_is_refused(
     run_dir = _run_dir(tmp_path, _cfg())
     before = (run_dir / resume_lib.CONFIG).read_text()
     with pytest.raises(ConfigError) as raised:
-        resume_lib.check_rerun(_cfg(change), run_dir)
+        resume_lib.check_rerun(_cfg(*change.split()), run_dir)
     assert raised.value.key == key and says in str(raised.value)
     assert (run_dir / resume_lib.CONFIG).read_text() == before  # nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("change", "micro", "accum"),
+    [
+        (["scaling.num_workers=1"], 2, 2),  # the accumulation doubles
+        (["scaling.num_workers=4", "train.micro_batch_size=1"], 1, 1),
+        (["train.micro_batch_size=1", "train.grad_accum_steps=2"], 1, 2),  # same world, by hand
+    ],
+)
+def test_a_rerun_on_another_world_size_keeps_the_global_batch(
+    tmp_path: Path, change: list[str], micro: int, accum: int
+) -> None:
+    run_dir = _run_dir(tmp_path, _cfg("train.micro_batch_size=2"))
+    rerun = resume_lib.check_rerun(_cfg("train.micro_batch_size=2", *change), run_dir)
+    assert rerun is not None and rerun.world_size == 2
+    train = rerun.cfg.train
+    assert (train.micro_batch_size, train.grad_accum_steps) == (micro, accum)
+    assert micro * accum * rerun.cfg.scaling.num_workers == 4
 
 
 def test_max_steps_may_change_with_a_constant_schedule(tmp_path: Path) -> None:
@@ -243,3 +265,40 @@ def test_two_drivers_finishing_together_never_read_half_a_summary(tmp_path: Path
     atomic = _collide(tmp_path / "summary.json", runlog.write_atomic, seconds=3)
     assert atomic == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json", "summary.json"]
+
+
+# --------------------------------------------------------------------------- data order
+@pytest.mark.parametrize(("was", "now"), [((2, 2), (1, 4)), ((1, 4), (2, 2)), ((2, 1), (1, 2))])
+@pytest.mark.parametrize("stop", [0, 3, 5, 11])
+def test_the_data_order_continues_on_another_world_size(
+    was: tuple[int, int], now: tuple[int, int], stop: int
+) -> None:
+    """The examples a gang saw before its checkpoint plus those the new gang sees after
+    it are the uninterrupted gang's, epoch by epoch: none twice, none skipped."""
+    from jobs import data as data_lib
+
+    n = 23
+
+    def seen(world: int, micro: int, start: int, steps: int) -> list[tuple[int, int]]:
+        """(epoch, example) for every example the gang's ranks take in ``steps`` micro steps."""
+        per = data_lib.micro_batches_per_epoch(n, world_size=world, micro_batch_size=micro)
+        out = []
+        for step in range(start, start + steps):
+            epoch, index = divmod(step, per)
+            for rank in range(world):
+                shard = data_lib.train_shard(n, rank=rank, world_size=world, epoch=epoch, seed=3)
+                out += [(epoch, j) for j in shard[index * micro : (index + 1) * micro]]
+        return out
+
+    before = seen(*was, 0, stop)  # (a global micro step: world x micro examples)
+    start = data_lib.continue_order(stop, num_examples=n, was=was, now=now)
+    per_now = data_lib.micro_batches_per_epoch(n, world_size=now[0], micro_batch_size=now[1])
+    epoch_end = (start // per_now + 1) * per_now
+    after = seen(*now, start, epoch_end - start)  # the rest of the resumed epoch
+    epoch = start // per_now
+    this_epoch = [j for e, j in before + after if e == epoch]
+    assert len(this_epoch) == len(set(this_epoch))  # none twice
+    # none skipped: the epoch's order, up to the end the new gang runs to
+    order = [j for _, j in seen(1, 1, epoch * n, n)]
+    assert sorted(this_epoch) == sorted(order[: len(this_epoch)])
+    assert len(this_epoch) >= n - now[0] * now[1]  # (only the new gang's remainder dropped)

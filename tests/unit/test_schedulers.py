@@ -127,3 +127,91 @@ def test_one_stratum_without_min_peers_decides_as_ray_asha(seed: int) -> None:
             assert mine == CONTINUE
         if mine == STOP or at[trial] == EVALS:
             running.remove(trial)
+
+
+# --------------------------------------------------------------------------- a rerun
+class _Trial:
+    """What Tune hands a scheduler about a trial: its id and config."""
+
+    def __init__(self, trial_id: str, params: dict[str, object]) -> None:
+        self.trial_id, self.config = trial_id, {"params": params}
+
+
+def _ended_study() -> object:
+    """A real Optuna study an earlier driver left: three trials that reached rung 1
+    (eval 1) with good values, one failed and being retried (waiting: it will report
+    again, so it must not be replayed), one still running."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(direction="minimize")
+    dist = {"strategy": CategoricalDistribution(["lora", "full"])}
+    for i, (state, values) in enumerate(
+        [
+            (TrialState.COMPLETE, {1: 0.30, 2: 0.25, 4: 0.20}),
+            (TrialState.PRUNED, {1: 0.40}),
+            (TrialState.COMPLETE, {1: 0.35, 2: 0.30, 4: 0.28}),
+            (TrialState.FAIL, {1: 0.10}),  # retried below
+            (TrialState.RUNNING, {1: 0.12}),
+        ]
+    ):
+        study.add_trial(
+            create_trial(
+                state=state,
+                value=values[max(values)] if state == TrialState.COMPLETE else None,
+                params={"strategy": "lora" if i % 2 == 0 else "full"},
+                distributions=dist,
+                intermediate_values=values,
+            )
+        )
+    study.add_trial(
+        create_trial(
+            state=TrialState.WAITING,
+            params={"strategy": "full"},
+            distributions=dist,
+            system_attrs={"retry_history": [3]},
+        )
+    )
+    return study
+
+
+def test_a_rerun_replays_the_ended_trials_into_the_rungs() -> None:
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    from jobs.schedulers import StratifiedASHA, replay
+    from jobs.study import finished_curves
+
+    history = finished_curves(_ended_study())
+    assert [key for key, _, _ in history] == ["study-0", "study-1", "study-2"]
+    assert history[0][2] == [(1, 0.30), (2, 0.25), (4, 0.20)]
+
+    def asha() -> AsyncHyperBandScheduler:
+        return AsyncHyperBandScheduler(
+            time_attr="evals", metric="eval_loss", mode="min", grace_period=1,
+            reduction_factor=2, max_t=8, brackets=1, stop_last_trials=False,
+        )  # fmt: skip
+
+    bad = {"evals": 1, "eval_loss": 0.50}
+    fresh, rerun = asha(), asha()
+    assert replay(rerun, history) == 3
+    for scheduler in (fresh, rerun):
+        scheduler.on_trial_add(None, _Trial("new", {"strategy": "lora"}))
+    # a fresh scheduler has no peers at rung 1 and lets the worst trial go on
+    assert fresh.on_trial_result(None, _Trial("new", {}), bad) == TrialScheduler.CONTINUE
+    assert rerun.on_trial_result(None, _Trial("new", {}), bad) == TrialScheduler.STOP
+    # a value among the best half of the replayed ones continues
+    rerun.on_trial_add(None, _Trial("good", {}))
+    good = {"evals": 1, "eval_loss": 0.31}
+    assert rerun.on_trial_result(None, _Trial("good", {}), good) == TrialScheduler.CONTINUE
+
+    stratified = StratifiedASHA(
+        metric="eval_loss", mode="min", time_attr="evals", grace_period=1,
+        reduction_factor=2, max_t=8, min_peers=2, stratify_by="strategy",
+    )  # fmt: skip
+    replay(stratified, history)
+    assert stratified.rule.reached() == {"lora": {1: 2, 2: 2, 4: 2}, "full": {1: 1}}
+    # 'lora' has two replayed peers at rung 1 (0.30, 0.35): 0.50 is pruned there
+    assert stratified.on_trial_result(None, _Trial("x", {"strategy": "lora"}), bad) == "STOP"
+    # 'full' has one (min_peers=2): no decision yet
+    assert stratified.on_trial_result(None, _Trial("y", {"strategy": "full"}), bad) == "CONTINUE"
