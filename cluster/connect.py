@@ -28,6 +28,13 @@ WORKER_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "PYTHONWARNINGS": "ignore",
 }
+# An embedded cluster's extras (one machine, no node is ever drained): Ray Train's
+# preemption watcher polls for node drains (an actor per fit, ~2 s of CPU) and is off.
+# Without the dashboard there is no state API: Ray Train's PlacementGroupCleaner cannot
+# see its controller (its check times out) and only holds each fit's teardown ~12 s
+# (measured), so graft leaves it out there (STATE_API_ENV="0", read by make_trainer).
+STATE_API_ENV = "GRAFT_STATE_API"
+EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 PASS_THROUGH = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "HF_HUB_OFFLINE",
@@ -296,6 +303,10 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             where=f"the embedded cluster (cluster.num_cpus={num_cpus})",
         )
         reap_stale_embedded()
+        env.update(EMBEDDED_ENV)
+        if not cluster.dashboard:
+            env[STATE_API_ENV] = "0"
+        os.environ.update({k: v for k, v in env.items() if k in (*EMBEDDED_ENV, STATE_API_ENV)})
         ctx = ray.init(
             # "local": always a new cluster for this process, even where `ray start`
             # left a cluster (or its address file) on this machine.

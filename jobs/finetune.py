@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cluster.connect import STATE_API_ENV
 from conf.schema import ConfigError, FinetuneConfig
 from jobs import card, preempt, runlog
 from jobs import checkpoint as ckpt
@@ -116,7 +117,7 @@ def make_trainer(
                 "scaling",
                 f"runs sharing one gang need the same scaling: {other.scaling} vs {cfg.scaling}",
             )
-    return TorchTrainer(
+    trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
             "runs": [{"cfg": c, "run_dir": str(d)} for c, d in runs],
@@ -140,6 +141,23 @@ def make_trainer(
             callbacks=list(callbacks),
         ),
     )
+    if os.environ.get(STATE_API_ENV) == "0":
+        _without_placement_group_cleaner(trainer)
+    return trainer
+
+
+def _without_placement_group_cleaner(trainer: Any) -> None:
+    """Ray Train's PlacementGroupCleaner (a detached actor per fit that removes the
+    gang's placement group if the controller dies) asks the state API whether the
+    controller lives; on a cluster without the dashboard that never answers, so it
+    cleans nothing and holds every fit's end for its 12 s stop timeout. Left out there
+    (cluster.dashboard=false): the placement group still goes with its job."""
+    make = trainer._create_default_callbacks
+
+    def defaults() -> list[Any]:
+        return [c for c in make() if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    trainer._create_default_callbacks = defaults
 
 
 def gang_bundle(cfg: FinetuneConfig) -> dict[str, float]:

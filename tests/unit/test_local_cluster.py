@@ -126,3 +126,24 @@ def test_the_processes_a_killed_drivers_embedded_ray_left_are_stopped(
         for proc in (orphan, alive):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("state_api", ["0", None])
+def test_a_cluster_without_a_state_api_trains_without_rays_pg_cleaner(
+    state_api: str | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without the dashboard Ray Train's PlacementGroupCleaner can never see its
+    controller (its state API check times out) and only holds each fit's end for 12 s:
+    make_trainer leaves it out there, and keeps it where the state API answers."""
+    from cluster.connect import STATE_API_ENV
+    from jobs.config import compose
+    from jobs.finetune import make_trainer
+
+    if state_api is None:
+        monkeypatch.delenv(STATE_API_ENV, raising=False)
+    else:
+        monkeypatch.setenv(STATE_API_ENV, state_api)
+    trainer = make_trainer(compose(["model=tiny_bert"]), tmp_path, started=0.0)
+    names = [type(c).__name__ for c in trainer._create_default_callbacks()]
+    assert "BackendSetupCallback" in names  # (the rest are Ray's own)
+    assert ("PlacementGroupCleanerCallback" in names) == (state_api is None)
