@@ -5,6 +5,7 @@ graft finetune --cfg                  print the composed config and exit
 graft sweep [hydra overrides]         e.g. graft sweep sweep.num_trials=40 sweep.max_concurrent=4
 graft report runs/<sweep-name>        report.md/html, plots and best.yaml of a sweep
 graft predict runs/<run> --input FILE  the trained model on new records -> predictions.jsonl
+graft check [overrides]               every preflight check, without Ray; graft ls, graft cp
 graft merge-lora runs/<run>           a LoRA adapter merged into its base
 graft chat runs/<run>                 talk to a causal-LM run in the terminal
 graft plan [overrides] [--num-gpus 8] [--gpu-memory 80GiB] [--recommend]   will it fit?
@@ -33,8 +34,23 @@ app = typer.Typer(
 err = Console(stderr=True, soft_wrap=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"graft {version('graft')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    _: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print graft's version and exit."
+        ),
+    ] = False,
+) -> None:
     """graft: fine-tune pretrained models on Ray (embedded local cluster by default)."""
 
 
@@ -113,20 +129,42 @@ def sweep(
 @app.command("eval")
 def eval_(
     kind: Annotated[
-        str, typer.Argument(help="zero_shot or few_shot: the pretrained model, no training.")
+        str,
+        typer.Argument(
+            help="zero_shot or few_shot (the pretrained model, no training), or a run "
+            "directory runs/<run> (its export, on --data)."
+        ),
     ],
     overrides: Overrides = None,
     cfg: Annotated[
         bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
     ] = False,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="With a run: the labelled file to score.")
+    ] = None,
 ) -> None:
     """Score the validation (and test) split with a model that trains nothing: a causal
     LM by label likelihood after eval.templates, an encoder by embedding similarity
     (few_shot: eval.shots training examples per label). No Ray. Writes
-    runs/<model>-<data>-<kind>-<hash>/metrics.jsonl."""
+    runs/<model>-<data>-<kind>-<hash>/metrics.jsonl. With a run directory: its export
+    scored on --data (accuracy, macro-F1, per-class precision/recall and the confusion
+    matrix; a language model's loss and perplexity), printed as JSON."""
     from conf.schema import ConfigError
     from jobs import zeroshot
     from jobs.config import to_yaml
+
+    if Path(kind).is_dir():
+        import json
+
+        from jobs import predict as predict_lib
+
+        if data is None:
+            err.print("[red]error:[/red] --data: graft eval RUN needs a labelled file to score")
+            raise typer.Exit(2)
+        with exits(ConfigError, OSError):
+            scores = predict_lib.evaluate_file(predict_lib.load(Path(kind)), data)
+        typer.echo(json.dumps(scores, indent=2))
+        return
 
     if kind not in zeroshot.KINDS:
         err.print(f"[red]error:[/red] {kind!r}: graft eval takes {' or '.join(zeroshot.KINDS)}")
@@ -190,7 +228,7 @@ def plan(
     from conf.schema import ConfigError
     from jobs import plan as planner
 
-    config = _compose(overrides, "finetune")
+    config = _compose(_plan_overrides(overrides or []), "finetune")
     if num_gpus is not None and num_gpus < 1:
         err.print(f"[red]error:[/red] --num-gpus: must be >= 1, got {num_gpus}")
         raise typer.Exit(2)
@@ -207,6 +245,52 @@ def plan(
         planner.render(result, console, options=options, overrides=overrides or [])
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _plan_overrides(overrides: list[str]) -> list[str]:
+    """What `graft plan model=llama3_8b` needs to plan at all, added and said in one
+    line: a plan reads no data, so when no override names the data the data task
+    follows the model's (a causal LM: instruction); a bfloat16 model plans with
+    deepspeed.bf16=true unless deepspeed.bf16 is given."""
+    from conf.schema import DATA_MODEL_TASKS, ConfigError
+    from jobs.config import compose
+
+    added: list[str] = []
+    for _ in range(3):
+        try:
+            compose([*overrides, *added])
+            break
+        except ConfigError as e:
+            given = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+            if e.key == "model.task" and not any(g.startswith("data") for g in given):
+                model_task = _model_task(overrides)
+                task = next((d for d, m in DATA_MODEL_TASKS.items() if model_task in m), None)
+                if task is None:
+                    break
+                added.append(f"data.task={task}")
+            elif e.key == "deepspeed.bf16" and "deepspeed.bf16" not in given:
+                added.append("deepspeed.bf16=true")
+            else:
+                break
+        except Exception:  # (any other error: the normal path reports it)
+            break
+    if added:
+        err.print(f"graft: planning with {' '.join(added)} (from the model; a plan reads no data)")
+    return [*overrides, *added]
+
+
+def _model_task(overrides: list[str]) -> str | None:
+    from omegaconf import DictConfig, OmegaConf
+
+    for o in overrides:
+        if o.startswith("model.task="):
+            return o.split("=", 1)[1]
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
+    if model is None or not (CONF / "model" / f"{model}.yaml").is_file():
+        return None
+    node = OmegaConf.load(CONF / "model" / f"{model}.yaml")
+    task = node.get("task") if isinstance(node, DictConfig) else None
+    return str(task) if task else None
 
 
 def _name(config: Any, kind: str) -> str:
@@ -229,6 +313,113 @@ def report(
     with exits(ConfigError, FileNotFoundError, KeyError):
         out = write_report(run, storage=storage)
     typer.echo(f"{out / 'report.md'}\n{out / 'report.html'}\n{out / 'best.yaml'}")
+
+
+# --------------------------------------------------------------------------- configs
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def config_groups() -> dict[str, list[str]]:
+    """Each config group under conf/ and its options (the schema entries left out)."""
+    return {
+        group.name: sorted(f.stem for f in group.glob("*.yaml") if not f.stem.endswith("_schema"))
+        for group in sorted(CONF.iterdir())
+        if group.is_dir() and not group.name.startswith("_") and any(group.glob("*.yaml"))
+    }
+
+
+@app.command("ls")
+def ls_() -> None:
+    """The config groups and their options (pick one with GROUP=NAME), and experiments
+    (+experiment=NAME)."""
+    for group, names in config_groups().items():
+        how = "+experiment=" if group == "experiment" else f"{group}="
+        typer.echo(f"{group:<12} {', '.join(names)}    ({how}NAME)")
+
+
+@app.command()
+def cp(
+    name: Annotated[str, typer.Argument(help="GROUP/NAME, e.g. strategy/lora (see graft ls).")],
+    path: Annotated[Path, typer.Argument(help="Where to write the copy (a .yaml file).")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite PATH.")] = False,
+) -> None:
+    """Copy a shipped config to edit, e.g. graft cp strategy/lora my_lora.yaml."""
+    group, _, option = name.partition("/")
+    groups = config_groups()
+    if group not in groups or option not in groups[group]:
+        allowed = ", ".join(f"{g}/{o}" for g, opts in groups.items() for o in opts)
+        err.print(f"[red]error:[/red] {name!r} is not a shipped config; allowed: {allowed}")
+        raise typer.Exit(2)
+    if path.exists() and not force:
+        err.print(f"[red]error:[/red] {path} exists; give --force to overwrite it")
+        raise typer.Exit(2)
+    path.write_text((CONF / group / f"{option}.yaml").read_text())
+    typer.echo(f"graft: {group}/{option} -> {path}")
+
+
+@app.command()
+def check(
+    overrides: Overrides = None,
+    show_config: Annotated[
+        bool, typer.Option("--cfg", help="Print the composed, validated config too.")
+    ] = False,
+) -> None:
+    """Every check a run makes before Ray starts (config, model, data, the run directory,
+    a rerun's checkpoints), without starting Ray or writing anything."""
+    from conf.schema import ConfigError
+    from jobs import finetune
+    from jobs.checkpoint import NoUsableCheckpoint
+    from jobs.config import to_yaml
+
+    config = _compose(overrides, "finetune")
+    if show_config:
+        typer.echo(to_yaml(config))
+    with exits(ConfigError, NoUsableCheckpoint, OSError):
+        finetune.check_only(config)
+    typer.echo("graft: every check passed")
+
+
+data_app = typer.Typer(help="Look at a run's data before training on it.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    overrides: Overrides = None,
+    examples: Annotated[int, typer.Option(min=0, help="How many examples to show.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+) -> None:
+    """The first examples as the model sees them (tokens, what the loss trains on),
+    label counts, token-length percentiles and how many are truncated; no Ray."""
+    import json
+
+    from conf.schema import ConfigError
+    from jobs.preview import preview
+
+    config = _compose(overrides, "finetune")
+    with exits(ConfigError, OSError):
+        shown = preview(config, examples=examples)
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+        return
+    splits = shown["splits"]
+    typer.echo(
+        f"{shown['task']}: {splits['train']} train / {splits['eval']} eval / {splits['test']} test"
+    )
+    if "labels" in shown:
+        typer.echo("labels (train): " + ", ".join(f"{k}={v}" for k, v in shown["labels"].items()))
+    if "lengths" in shown:
+        lengths = ", ".join(f"{k} {v}" for k, v in shown["lengths"].items())
+        typer.echo(
+            f"tokens: {lengths}; {shown['truncated']} over data.max_length={shown['max_length']}"
+        )
+    for i, item in enumerate(shown["examples"]):
+        typer.echo(f"--- example {i} ({item.get('num_tokens', '?')} tokens)")
+        typer.echo(f"input: {item.get('text', item.get('record'))!r}")
+        if "trained_text" in item:
+            typer.echo(f"trained on ({item['trained_tokens']} tokens): {item['trained_text']!r}")
+        elif "label" in item:
+            typer.echo(f"label: {item['label']}")
 
 
 # --------------------------------------------------------------------------- use the model

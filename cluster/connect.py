@@ -247,14 +247,23 @@ def reap_stale_embedded() -> list[int]:
             continue
         if psutil.pid_exists(info["driver_pid"]) and info["driver_pid"] != os.getpid():
             continue  # its driver still runs (its cluster is in use)
-        procs = session_processes(info["session_dir"])
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+        # Again until none is left: a process being stopped can start others first (a
+        # raylet told to stop still has workers and agents starting), which one pass
+        # over the process table misses.
+        procs: list[Any] = []
+        for _ in range(5):
+            found = session_processes(info["session_dir"])
+            if not found:
+                break
+            for proc in found:
+                with contextlib.suppress(psutil.Error):
+                    proc.terminate()
+            _, alive = psutil.wait_procs(found, timeout=5)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(alive, timeout=5)
+            procs += found
         stopped += [p.pid for p in procs]
         if procs:
             print(

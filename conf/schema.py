@@ -44,6 +44,7 @@ DATA_MODEL_TASKS = {
 }
 STRATEGIES = ("full", "feature_extraction", "freeze_depth", "lora", "progressive")
 PROGRESSIVE_BASES = ("freeze_depth", "lora")
+LORA_VARIANTS = ("lora", "dora", "rslora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
 TERMS = ("l2sp", "dann", "distill", "ewc", "multitask")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -203,10 +204,14 @@ class LoraConfig:
     # QLoRA: the frozen base weights quantized to 4 bits (nf4). `graft plan` models it;
     # training it needs bitsandbytes on CUDA GPUs.
     quantize: str | None = None
+    # peft's LoRA variants: dora (weight-decomposed, use_dora), rslora (rank-stabilised
+    # scaling alpha/sqrt(r), use_rslora), or plain lora.
+    variant: str = "lora"
 
     def check(self) -> None:
         if self.quantize is not None:
             _one_of("strategy.lora.quantize", self.quantize, LORA_QUANTIZE)
+        _one_of("strategy.lora.variant", self.variant, LORA_VARIANTS)
         _positive("strategy.lora.r", self.r)
         _positive("strategy.lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -304,9 +309,15 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     bf16: bool = False
+    # A DeepSpeed JSON config merged over graft's (e.g. overlap_comm, bucket sizes,
+    # activation checkpointing, a compression or monitor section); the batch layout and
+    # the ZeRO stage stay graft's: set them with train.* and deepspeed.stage.
+    config: str | None = None
 
     def check(self) -> None:
         _one_of("deepspeed.stage", self.stage, ZERO_STAGES)
+        if self.config is not None:
+            user_deepspeed_config(self.config)
         if self.offload_params and self.stage != 3:
             raise ConfigError(
                 "deepspeed.offload_params", "parameter offload needs deepspeed.stage=3"
@@ -315,6 +326,43 @@ class DeepSpeedConfig:
             raise ConfigError(
                 "deepspeed.offload_optimizer", "optimizer offload needs deepspeed.stage >= 1"
             )
+
+
+# Keys of a DeepSpeed config graft derives from its own (deepspeed.config may not set them).
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x scaling.num_workers",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.max_grad_norm",
+    "optimizer": "train.lr/weight_decay (graft builds the AdamW with its parameter groups)",
+    "scheduler": "train.schedule (graft's per-group schedule)",
+    "zero_optimization.stage": "deepspeed.stage",
+}
+
+
+def user_deepspeed_config(path: str) -> dict[str, Any]:
+    """The JSON object in ``deepspeed.config``, checked: it parses, and sets none of the
+    keys graft derives from its own config (DEEPSPEED_OWNED)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError("deepspeed.config", f"{path} does not exist or is not a file")
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError("deepspeed.config", f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("deepspeed.config", f"{path} must hold a JSON object")
+    for key, owner in DEEPSPEED_OWNED.items():
+        head, _, sub = key.partition(".")
+        node = value.get(head)
+        if (sub and isinstance(node, dict) and sub in node) or (not sub and head in value):
+            raise ConfigError(
+                "deepspeed.config", f"{path} sets {key}, which graft sets from {owner}"
+            )
+    return value
 
 
 @dataclass

@@ -65,7 +65,7 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     if ds.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    config = {
         "train_batch_size": global_batch_size(train, world_size),
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -79,6 +79,22 @@ def deepspeed_config(
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if ds.config is not None:  # the user's JSON over graft's (checked: no batch keys)
+        from conf.schema import user_deepspeed_config
+
+        config = merged(config, user_deepspeed_config(ds.config))
+    return config
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base`` recursively (``over`` wins on leaves)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _lr_factor(step: int, *, train: TrainConfig) -> float:

@@ -24,6 +24,7 @@ import torch
 
 from conf.schema import ConfigError, FinetuneConfig
 from jobs import resume as resume_lib
+from jobs.tasks.common import IGNORE_INDEX as IGNORE
 
 EXPORT = "export"
 
@@ -156,16 +157,25 @@ def _whole_rows(path: Path) -> list[dict[str, Any]] | None:
     return None
 
 
+def _task(trained: Trained) -> Any:
+    from jobs import tasks
+
+    return tasks.get(trained.cfg.model)
+
+
+def _encoder_decoder(trained: Trained) -> bool:
+    return bool(_task(trained).needs == "encoder_decoder")
+
+
 def _input_field(trained: Trained) -> str:
-    data = trained.cfg.data
-    if trained.cfg.model.task == "image_classification":
+    """The field a record's input is in: the task's first (text, or the prompt)."""
+    task = _task(trained)
+    if task.modality != "text":
         raise ConfigError(
             "RUN", "graft predict reads text; an image classifier's export loads in "
             "transformers (AutoModelForImageClassification) for images"
         )  # fmt: skip
-    if data.task in ("instruction",) or trained.cfg.model.task == "seq2seq":
-        return data.prompt_field
-    return data.text_field
+    return str(task.fields(trained.cfg.data)[0])
 
 
 def predict(
@@ -214,7 +224,7 @@ def _classify(trained: Trained, texts: list[str]) -> list[dict[str, Any]]:
 
 def prompt_ids(trained: Trained, prompt: str) -> list[int]:
     """The prompt as training encoded it (the chat template when the tokenizer has one)."""
-    if trained.cfg.model.task == "seq2seq":
+    if _encoder_decoder(trained):
         ids = trained.tokenizer(prompt, truncation=True, max_length=trained.cfg.data.max_length)
         return list(ids["input_ids"])
     from jobs.tasks.causal_lm import _prompt_ids
@@ -231,7 +241,7 @@ def _generate_ids(trained: Trained, encoded: list[list[int]], gen: Generation) -
     tok = trained.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(e) for e in encoded)
-    decoder_only = trained.cfg.model.task != "seq2seq"
+    decoder_only = not _encoder_decoder(trained)
     ids = torch.full((len(encoded), width), pad, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for i, e in enumerate(encoded):  # left padding for a decoder: generation goes on the right
@@ -278,6 +288,70 @@ def write_predictions(rows: Iterator[dict[str, Any]], output: Path) -> int:
             n += 1
     tmp.replace(output)
     return n
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate_file(trained: Trained, path: Path, *, batch_size: int = 16) -> dict[str, Any]:
+    """The export scored on a labelled file (read as training data is, target field
+    required): a classifier's accuracy, macro-F1, per-class precision/recall and the
+    confusion matrix (rows: true label); a language model's loss and perplexity over
+    the target tokens."""
+    import math
+
+    from jobs import tasks
+    from jobs.data import files, normalise
+
+    cfg = trained.cfg
+    data = dataclasses.replace(cfg.data, path=str(path))
+    task = tasks.get(cfg.model)
+    records = normalise(files.read(str(path), data, task.fields(data), key="--data"), data)
+    if trained.labels is not None:
+        unknown = sorted({r["label"] for r in records} - set(trained.labels))
+        if unknown:
+            raise ConfigError("--data", f"labels {unknown} are not the run's: {trained.labels}")
+        index = {name: i for i, name in enumerate(trained.labels)}
+        k = len(trained.labels)
+        confusion = torch.zeros((k, k), dtype=torch.long)
+        for row in predict(trained, records, batch_size=batch_size):
+            confusion[index[row["label"]], index[row["predicted_label"]]] += 1
+        from jobs.tasks.sequence_classification import macro_f1
+
+        tp = confusion.diag().double()
+        per_class = {
+            name: {
+                "precision": float(tp[i] / max(1, int(confusion[:, i].sum()))),
+                "recall": float(tp[i] / max(1, int(confusion[i].sum()))),
+                "support": int(confusion[i].sum()),
+            }
+            for i, name in enumerate(trained.labels)
+        }
+        return {
+            "examples": len(records),
+            "accuracy": float(tp.sum() / max(1, len(records))),
+            "macro_f1": macro_f1(confusion),
+            "per_class": per_class,
+            "confusion": confusion.tolist(),
+            "labels": trained.labels,
+        }
+    encoded = task.encode(records, trained.tokenizer, data, None)
+    pad = trained.tokenizer.pad_token_id or 0
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = task.collate(encoded[start : start + batch_size], pad)
+            outputs = trained.model(**task.model_inputs(batch))
+            logits = outputs.logits.float()
+            labels = batch["labels"]
+            if not _encoder_decoder(trained):  # next-token: position t predicts t + 1
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            mask = labels != IGNORE
+            losses = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+            )
+            total += float(losses[mask.reshape(-1)].sum())
+            count += float(mask.sum())
+    loss = total / max(1.0, count)
+    return {"examples": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
 # --------------------------------------------------------------------------- merge

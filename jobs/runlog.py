@@ -34,6 +34,8 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# Fields of a record that are not metrics (the summary line leaves them out).
+BOOKKEEPING = ("time", "train_time_s", "startup_s", "time_to_first_step_s")
 # What happened to the run itself stays through a resume's truncation.
 KEPT = ("failure", "preempted", "checkpoint_skipped")
 

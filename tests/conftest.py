@@ -87,14 +87,15 @@ def write_target_domain(path: Path, n: int = 96, seed: int = 1, labelled: bool =
 # (longest-processing-time-first). Seconds per file as measured in a clean clone on
 # 2 cores; a file not listed goes after these, unit tests (seconds each) last.
 SLOWEST_FIRST = [
-    "tests/integration/test_finetune.py",  # ~600 s: every gang run but the resumes
-    "tests/integration/test_sweep.py",  # ~450 s
-    "tests/integration/test_resume.py",  # ~300 s
-    "tests/integration/test_cli.py",  # ~300 s: the demo on real MiniLM
-    "tests/integration/test_jobs.py",  # ~200 s: a second Ray cluster, Jobs API
-    "tests/integration/test_pool.py",  # ~190 s
-    "tests/integration/test_families.py",  # ~150 s: ViT, ResNet, T5 in one gang
-    "tests/integration/test_plan.py",  # ~150 s
+    "tests/integration/test_finetune.py",  # ~550 s: every gang run but the resumes
+    "tests/integration/test_resume.py",  # ~450 s: with the world-size changes
+    "tests/integration/test_sweep.py",  # ~400 s
+    "tests/integration/test_recovery.py",  # ~400 s: real signals, drivers as processes
+    "tests/integration/test_pool.py",  # ~240 s
+    "tests/integration/test_families.py",  # ~230 s: ViT, ResNet, T5 in one gang
+    "tests/integration/test_cli.py",  # ~230 s: the demo on real MiniLM
+    "tests/integration/test_jobs.py",  # ~140 s: a second Ray cluster, Jobs API
+    "tests/integration/test_plan.py",  # ~90 s
 ]
 
 

@@ -63,5 +63,7 @@ def apply(model: nn.Module, cfg: StrategyConfig, layout: Layout) -> nn.Module:
         ),
         modules_to_save=modules_to_save or None,
         task_type=_TASK_TYPES.get(kind.rsplit("For", 1)[-1]),
+        use_dora=cfg.lora.variant == "dora",
+        use_rslora=cfg.lora.variant == "rslora",
     )
     return peft.get_peft_model(model, lora_config)

@@ -75,3 +75,44 @@ def test_lean_deepspeed_skips_the_shared_memory_op_training_never_calls() -> Non
     lean_deepspeed()  # idempotent
     assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     assert backend.build_shm_op() is None  # nothing built, nothing loaded
+
+
+def test_a_users_deepspeed_json_is_merged_over_grafts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps(
+            {"zero_optimization": {"overlap_comm": True, "reduce_bucket_size": 123},
+             "activation_checkpointing": {"partition_activations": True}}
+        )
+    )  # fmt: skip
+    ds = engine.deepspeed_config(
+        DeepSpeedConfig(stage=2, config=str(user)), TrainConfig(), world_size=2, hidden_size=64
+    )
+    zero = ds["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 123  # the user's
+    assert zero["stage"] == 2 and zero["allgather_bucket_size"] == 2**20  # graft's kept
+    assert ds["activation_checkpointing"] == {"partition_activations": True}
+    assert ds["train_batch_size"] == TrainConfig().micro_batch_size * 2
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"train_batch_size": 64}', "train_batch_size, which graft sets from train.micro_batch_size"),
+        ('{"zero_optimization": {"stage": 3}}', "zero_optimization.stage, which graft sets from deepspeed.stage"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)  # fmt: skip
+def test_a_users_deepspeed_json_may_not_take_grafts_keys(tmp_path, content: str, says: str) -> None:  # type: ignore[no-untyped-def]
+    from conf.schema import ConfigError
+
+    user = tmp_path / "ds.json"
+    user.write_text(content)
+    with pytest.raises(ConfigError, match="deepspeed.config") as raised:
+        DeepSpeedConfig(stage=2, config=str(user)).check()
+    assert says in str(raised.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        DeepSpeedConfig(config=str(tmp_path / "missing.json")).check()

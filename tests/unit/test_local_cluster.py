@@ -147,3 +147,53 @@ def test_a_cluster_without_a_state_api_trains_without_rays_pg_cleaner(
     names = [type(c).__name__ for c in trainer._create_default_callbacks()]
     assert "BackendSetupCallback" in names  # (the rest are Ray's own)
     assert ("PlacementGroupCleanerCallback" in names) == (state_api is None)
+
+
+def test_reaping_goes_on_until_a_dead_drivers_session_is_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind a flaky recovery test: a process told to stop starts another of
+    the session first (as a stopping raylet's workers and agents do); one pass over the
+    process table left that one running. Provoked here: on SIGTERM the 'raylet' starts a
+    'worker' holding a file in the session, then exits."""
+    import json
+    import subprocess
+    import sys
+
+    from cluster import connect
+
+    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / connect.EMBEDDED
+    folder.mkdir(parents=True)
+    session = tmp_path / "session_dead"
+    session.mkdir()
+    child = f"f = open({str(session / 'worker.log')!r}, 'w'); import time; time.sleep(120)"
+    raylet = (
+        "import signal, subprocess, sys, time\n"
+        f"f = open({str(session / 'raylet.log')!r}, 'w')\n"
+        "def stop(*_):\n"
+        f"    subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        "    time.sleep(0.5)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", raylet])
+    deadline = time.time() + 20
+    while not connect.session_processes(str(session)) and time.time() < deadline:
+        time.sleep(0.05)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (folder / f"{dead.pid}.json").write_text(
+        json.dumps({"driver_pid": dead.pid, "session_dir": str(session)})
+    )
+    try:
+        stopped = connect.reap_stale_embedded()
+        assert proc.pid in stopped and len(stopped) == 2  # the raylet and what it started
+        time.sleep(0.5)
+        assert connect.session_processes(str(session)) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        for left in connect.session_processes(str(session)):
+            left.kill()

@@ -168,3 +168,46 @@ def test_an_export_carries_a_model_card(tmp_path: Path, data_dir: Path) -> None:
     assert loaded.data.library_name == "transformers" and "graft" in loaded.data.tags
     assert "| eval_accuracy | 0.875 |" in loaded.text and "test_macro_f1" in loaded.text
     assert "graft finetune train.lr=1e-3" in loaded.text and "neg, pos" in loaded.text
+
+
+def test_eval_scores_an_export_on_a_labelled_file(classifier_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [("a fine day", "pos"), ("nothing works at all", "neg"), ("ok", "pos"), ("bad", "neg")]
+    src = tmp_path / "labelled.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    result = CliRunner().invoke(app, ["eval", str(classifier_run), "--data", str(src)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output[result.output.index("{") :])
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_run / "export").eval()
+    tok = AutoTokenizer.from_pretrained(classifier_run / "export")
+    with torch.no_grad():
+        predicted = [
+            LABELS[int(model(**tok(t, return_tensors="pt")).logits.argmax())] for t, _ in rows
+        ]
+    right = sum(p == y for p, (_, y) in zip(predicted, rows, strict=True))
+    assert scores["accuracy"] == pytest.approx(right / len(rows))
+    assert sum(map(sum, scores["confusion"])) == len(rows)
+    assert {c["support"] for c in scores["per_class"].values()} == {2}
+    bad = tmp_path / "unknown.jsonl"
+    bad.write_text(json.dumps({"text": "x", "label": "meh"}) + "\n")
+    result = CliRunner().invoke(app, ["eval", str(classifier_run), "--data", str(bad)])
+    assert result.exit_code == 2 and "meh" in result.output
+
+
+def test_eval_gives_a_language_models_target_token_loss(lora_run: Path, tmp_path: Path) -> None:
+    from jobs import predict as predict_lib
+    from jobs.tasks.causal_lm import CausalLM
+
+    src = tmp_path / "sft.jsonl"
+    src.write_text(json.dumps({"prompt": "two plus two", "response": "four"}) + "\n")
+    trained = predict_lib.load(lora_run)
+    scores = predict_lib.evaluate_file(trained, src)
+    [example] = CausalLM().encode(
+        [{"prompt": "two plus two", "response": "four"}], trained.tokenizer, trained.cfg.data, None
+    )
+    with torch.no_grad():  # transformers' own shifted, masked loss on the same example
+        want = trained.model(
+            input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])
+        ).loss
+    assert scores["loss"] == pytest.approx(float(want), rel=1e-5)

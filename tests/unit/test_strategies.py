@@ -155,3 +155,31 @@ def test_discriminative_groups_cover_only_lora_and_head_under_lora() -> None:
     assert {g["name"]: g["lr"] for g in groups} == pytest.approx(
         {"block.2": LR * 0.8, "block.3": LR, "head": 2 * LR}
     )
+
+
+@pytest.mark.parametrize("variant", ["dora", "rslora"])
+def test_lora_variants_come_from_peft(variant: str) -> None:
+    """strategy.lora.variant: peft's DoRA (a trained magnitude vector per adapted layer)
+    and rsLoRA (scaling alpha/sqrt(r) instead of alpha/r)."""
+    import math
+
+    model, layout = _model("tiny_llama")
+    lora = LoraConfig(r=4, alpha=8, variant=variant)
+    model = apply(model, StrategyConfig(name="lora", lora=lora), layout)
+    trainable = _trainable(model)
+    magnitudes = {n for n in trainable if "lora_magnitude_vector" in n}
+    assert bool(magnitudes) == (variant == "dora")
+    scaling = next(
+        m.scaling["default"]
+        for m in model.modules()
+        if isinstance(getattr(m, "scaling", None), dict)
+    )
+    assert scaling == pytest.approx(8 / math.sqrt(4) if variant == "rslora" else 8 / 4)
+
+
+def test_an_unknown_lora_variant_is_refused_with_the_allowed_ones() -> None:
+    from conf.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy.lora.variant") as raised:
+        LoraConfig(variant="qdora").check()
+    assert "dora" in str(raised.value) and "rslora" in str(raised.value)

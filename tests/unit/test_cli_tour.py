@@ -1,0 +1,83 @@
+"""The CLI that explains itself: graft --version, ls, cp and check (every preflight
+check without Ray), through typer's test runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cluster.cli import CONF, app
+from tests.conftest import tiny_overrides
+
+runner = CliRunner()
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"graft {version('graft')}"
+
+
+def test_ls_lists_each_group_and_its_options_but_no_schema() -> None:
+    result = runner.invoke(app, ["ls"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert "lora" in lines["strategy"] and "zero3" in lines["deepspeed"]
+    assert "+experiment=NAME" in lines["experiment"] and "smollm2_lora" in lines["experiment"]
+    assert "_schema" not in result.output
+
+
+def test_cp_copies_a_shipped_config_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "mine.yaml"
+    assert runner.invoke(app, ["cp", "strategy/lora", str(target)]).exit_code == 0
+    assert target.read_text() == (CONF / "strategy" / "lora.yaml").read_text()
+    again = runner.invoke(app, ["cp", "strategy/lora", str(target)])
+    assert again.exit_code == 2 and "--force" in again.output
+    bad = runner.invoke(app, ["cp", "strategy/lorra", str(tmp_path / "x.yaml")])
+    assert bad.exit_code == 2 and "strategy/lora" in bad.output  # (the allowed ones listed)
+
+
+def test_check_runs_every_preflight_check_without_ray(tmp_path: Path, data_dir: Path) -> None:
+    import ray
+
+    good = [*tiny_overrides(data_dir), f"run.output_dir={tmp_path}", "run.name=checked"]
+    before = ray.is_initialized()
+    result = runner.invoke(app, ["check", *good])
+    assert result.exit_code == 0 and "every check passed" in result.output, result.output
+    assert ray.is_initialized() == before and not (tmp_path / "checked").exists()
+    # a LoRA target that matches nothing in the model: named before Ray
+    result = runner.invoke(
+        app, ["check", *good, "strategy=lora", "strategy.lora.target_modules=[nope]"]
+    )
+    assert result.exit_code == 2 and "strategy.lora.target_modules" in result.output
+    assert not (tmp_path / "checked").exists()
+
+
+def test_plan_of_a_model_alone_takes_the_data_task_from_the_model() -> None:
+    """`graft plan model=llama3_8b` is the first thing a user types: no data file, so
+    the data task follows the model's instead of failing on the default data's."""
+    result = runner.invoke(app, ["plan", "model=llama3_8b", "--json"])
+    assert "data.task=instruction" in result.output  # (said, on stderr)
+    assert "needs model.task" not in result.output
+    assert result.exit_code in (0, 1)  # fits or not: a plan, not a config error
+
+
+def test_data_preview_shows_what_trains(data_dir: Path) -> None:
+    import json
+
+    lm = runner.invoke(app, ["data", "preview", *tiny_overrides(data_dir), "--json"])
+    assert lm.exit_code == 0, lm.output
+    shown = json.loads(lm.output[lm.output.index("{") :])
+    first = shown["examples"][0]
+    # instruction tuning: the prompt is masked, only the response (and EOS) trains
+    assert first["record"]["response"] in first["trained_text"]
+    assert first["record"]["prompt"] not in first["trained_text"]
+    assert shown["lengths"]["max"] >= shown["lengths"]["p50"] > 0
+    cls = runner.invoke(app, ["data", "preview", *tiny_overrides(data_dir, task="classification")])
+    assert cls.exit_code == 0 and "labels (train):" in cls.output and "label: " in cls.output
+    bad = runner.invoke(
+        app, ["data", "preview", *tiny_overrides(data_dir), "data.path=/nope.jsonl"]
+    )
+    assert bad.exit_code == 2 and "data.path" in bad.output
