@@ -134,6 +134,17 @@ def to_plain(node: DictConfig) -> FinetuneConfig:
     return cfg
 
 
+def load_saved(directory: Path) -> FinetuneConfig:
+    """The config a run or sweep directory was started with (its config.yaml), over the
+    schema's defaults (a key added to graft since then takes its default)."""
+    node = OmegaConf.merge(
+        OmegaConf.structured(FinetuneConfig), OmegaConf.load(Path(directory) / "config.yaml")
+    )
+    cfg = OmegaConf.to_object(node)
+    assert isinstance(cfg, FinetuneConfig)
+    return cfg
+
+
 def to_yaml(cfg: FinetuneConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

@@ -44,9 +44,7 @@ class Trained:
 def run_config(run: Path) -> tuple[Path, FinetuneConfig]:
     """The run directory (``run`` itself, or the run an ``export`` folder is in) and
     the config it was trained with."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from jobs.config import to_plain
+    from jobs.config import load_saved
 
     run = Path(run).expanduser().resolve()
     if run.name in (EXPORT, "adapter", "merged") and not (run / resume_lib.CONFIG).is_file():
@@ -56,9 +54,7 @@ def run_config(run: Path) -> tuple[Path, FinetuneConfig]:
         raise ConfigError(
             "RUN", f"{run} is not a run directory (no {resume_lib.CONFIG}); allowed: runs/<name>"
         )
-    node = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), OmegaConf.load(config))
-    assert isinstance(node, DictConfig)
-    return run, to_plain(node)
+    return run, load_saved(run)
 
 
 def export_dir(run: Path) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from conf.schema import FinetuneConfig, ParamSpec
+from jobs import config as config_lib
 from jobs import runlog
 
 REPORT = "report"
@@ -56,12 +57,7 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def load_config(sweep_dir: Path) -> FinetuneConfig:
-    node = OmegaConf.merge(
-        OmegaConf.structured(FinetuneConfig), OmegaConf.load(sweep_dir / "config.yaml")
-    )
-    cfg = OmegaConf.to_object(node)
-    assert isinstance(cfg, FinetuneConfig)
-    return cfg
+    return config_lib.load_saved(sweep_dir)
 
 
 def _rows(study: Any) -> list[TrialRow]:

@@ -170,17 +170,17 @@ def test_reaping_goes_on_until_a_dead_drivers_session_is_empty(
     child = f"f = open({str(session / 'worker.log')!r}, 'w'); import time; time.sleep(120)"
     raylet = (
         "import signal, subprocess, sys, time\n"
-        f"f = open({str(session / 'raylet.log')!r}, 'w')\n"
         "def stop(*_):\n"
         f"    subprocess.Popen([sys.executable, '-c', {child!r}])\n"
         "    time.sleep(0.5)\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, stop)\n"
+        f"f = open({str(session / 'raylet.log')!r}, 'w')\n"  # (its handler is in place)
         "time.sleep(120)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", raylet])
     deadline = time.time() + 20
-    while not connect.session_processes(str(session)) and time.time() < deadline:
+    while not (session / "raylet.log").exists() and time.time() < deadline:
         time.sleep(0.05)
     dead = subprocess.Popen(["true"])
     dead.wait()
