@@ -33,8 +33,11 @@ WORKER_ENV = {
 # Without the dashboard there is no state API: Ray Train's PlacementGroupCleaner cannot
 # see its controller (its check times out) and only holds each fit's teardown ~12 s
 # (measured), so graft leaves it out there (STATE_API_ENV="0", read by make_trainer).
+# Without the dashboard nothing can read Ray's metrics either: Ray Train's metrics
+# callbacks and the core workers' metrics collection are off there too.
 STATE_API_ENV = "GRAFT_STATE_API"
 EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+NO_DASHBOARD_ENV = {STATE_API_ENV: "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 PASS_THROUGH = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
     "HF_HUB_OFFLINE",
@@ -314,8 +317,8 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         reap_stale_embedded()
         env.update(EMBEDDED_ENV)
         if not cluster.dashboard:
-            env[STATE_API_ENV] = "0"
-        os.environ.update({k: v for k, v in env.items() if k in (*EMBEDDED_ENV, STATE_API_ENV)})
+            env.update(NO_DASHBOARD_ENV)
+        os.environ.update({k: v for k, v in env.items() if k in (*EMBEDDED_ENV, *NO_DASHBOARD_ENV)})
         ctx = ray.init(
             # "local": always a new cluster for this process, even where `ray start`
             # left a cluster (or its address file) on this machine.
@@ -327,6 +330,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             log_to_driver=cluster.log_to_driver,
             runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
+            _system_config=None if cluster.dashboard else {"enable_metrics_collection": False},
         )
         node = ray._private.worker._global_node
         assert node is not None  # (ray.init just started it)

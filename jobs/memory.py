@@ -113,6 +113,19 @@ class SavedActivations:
         return sum(n for k, n in self._seen.items() if self._owner[k] < 0)
 
 
+def freeze_imports() -> None:
+    """Move everything alive now (the imported libraries: ~0.5M objects in a worker)
+    out of the garbage collector's reach, once, before any model is built: each full
+    collection then costs microseconds instead of ~0.3-1 s. DeepSpeed collects on every
+    ZeRO-3 engine build (its defragment), graft on every phase change and after every
+    run of a gang. Tensors made from here on stay visible to ``live_tensor_bytes``
+    (frozen objects are not in ``gc.get_objects()``; none of them is a model's)."""
+    import deepspeed  # noqa: F401  (every run builds an engine: frozen with the rest)
+
+    gc.collect()
+    gc.freeze()
+
+
 def _live_tensors() -> Iterator[torch.Tensor]:
     for obj in gc.get_objects():
         try:

@@ -120,6 +120,7 @@ def main() -> None:
     import deepspeed
 
     from jobs import engine as engine_lib
+    from jobs import memory
     from jobs.config import compose
 
     warnings.filterwarnings("ignore")
@@ -133,6 +134,7 @@ def main() -> None:
             configs[-1].append(arg)
     steps = max(int(os.environ.get("GRAFT_PROBE_STEPS", "3")), 3)
     engine_lib.lean_deepspeed()
+    memory.freeze_imports()  # (what the census counts is made after this)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     runs = []

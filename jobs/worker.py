@@ -38,7 +38,7 @@ from conf.schema import FinetuneConfig, StrategyConfig
 from jobs import checkpoint as ckpt
 from jobs import data as data_lib
 from jobs import engine as engine_lib
-from jobs import norms, objectives, preempt, runlog, strategies, tasks
+from jobs import memory, norms, objectives, preempt, runlog, strategies, tasks
 from jobs.evaluate import evaluate
 from jobs.export import export
 from jobs.memory import live_tensor_bytes
@@ -62,6 +62,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     _quiet()
+    memory.freeze_imports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     debug = loop_config.get("debug", {})

@@ -147,6 +147,7 @@ def test_a_cluster_without_a_state_api_trains_without_rays_pg_cleaner(
     names = [type(c).__name__ for c in trainer._create_default_callbacks()]
     assert "BackendSetupCallback" in names  # (the rest are Ray's own)
     assert ("PlacementGroupCleanerCallback" in names) == (state_api is None)
+    assert "DatasetsCallback" not in names  # (no Ray Datasets: no DatasetManager actor)
 
 
 def test_reaping_goes_on_until_a_dead_drivers_session_is_empty(
