@@ -41,7 +41,6 @@ from jobs import engine as engine_lib
 from jobs import memory, norms, objectives, preempt, runlog, strategies, tasks
 from jobs.evaluate import evaluate
 from jobs.export import export
-from jobs.memory import live_tensor_bytes
 from jobs.models import Layout, build, hidden_size
 from jobs.models import pad_id as models_pad_id
 from jobs.pool import Cancelled
@@ -565,11 +564,11 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
     if run.current is not None:
         previous, run.current = run.current, None
         weights, term_weights = full_weights(previous.engine)
-        before = live_tensor_bytes()
+        before = memory.live_tensor_bytes()
         previous.engine.destroy()
         del previous
         gc.collect()
-        freed = before - live_tensor_bytes(collect=False)  # what the torn-down engine held
+        freed = before - memory.live_tensor_bytes(collect=False)  # what the torn-down engine held
         model = _fresh_model(run)
     current = start_engine(
         model,
