@@ -37,6 +37,12 @@ WORKER_ENV = {
 # callbacks and the core workers' metrics collection are off there too.
 STATE_API_ENV = "GRAFT_STATE_API"
 EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# An embedded cluster's workers share its driver's fate: "<pid>:<start time>" of the
+# driver, which every rank checks at each step boundary (jobs.preempt.driver_gone). A
+# driver killed with SIGKILL takes Ray's GCS and raylet with it, but its workers can
+# live on for a minute (until their GCS client gives up), training and writing metrics
+# and checkpoints into the run directory that the rerun is about to take over.
+DRIVER_ENV = "GRAFT_DRIVER"
 NO_DASHBOARD_ENV = {STATE_API_ENV: "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 PASS_THROUGH = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
@@ -205,13 +211,43 @@ def _embedded_dir() -> Path:
     return Path(os.environ.get("GRAFT_HOME", Path.home() / ".graft")) / EMBEDDED
 
 
+def driver_identity(pid: int) -> str:
+    """``"<pid>:<start time>"``: a process, told apart from a later one given its pid."""
+    import psutil
+
+    return f"{pid}:{psutil.Process(pid).create_time()!r}"
+
+
+def identity_alive(identity: str) -> bool:
+    """Whether the process ``driver_identity`` named still runs (not a zombie, and not
+    another process that got its pid since)."""
+    import psutil
+
+    pid, _, started = identity.partition(":")
+    try:
+        proc = psutil.Process(int(pid))
+        return proc.create_time() == float(started) and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
 def _record_embedded(session_dir: str) -> Path:
     import atexit
 
     folder = _embedded_dir()
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / f"{os.getpid()}.json"
-    record.write_text(json.dumps({"driver_pid": os.getpid(), "session_dir": session_dir}))
+    record.write_text(
+        json.dumps(
+            {
+                "driver_pid": os.getpid(),
+                "driver": driver_identity(os.getpid()),
+                "session_dir": session_dir,
+            }
+        )
+    )
     atexit.register(record.unlink, missing_ok=True)
     return record
 
@@ -248,7 +284,12 @@ def reap_stale_embedded() -> list[int]:
         except (OSError, ValueError):
             record.unlink(missing_ok=True)
             continue
-        if psutil.pid_exists(info["driver_pid"]) and info["driver_pid"] != os.getpid():
+        alive = (
+            identity_alive(info["driver"])
+            if "driver" in info  # (an older record has the pid alone)
+            else psutil.pid_exists(info["driver_pid"])
+        )
+        if alive and info["driver_pid"] != os.getpid():
             continue  # its driver still runs (its cluster is in use)
         # Again until none is left: a process being stopped can start others first (a
         # raylet told to stop still has workers and agents starting), which one pass
@@ -315,7 +356,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             where=f"the embedded cluster (cluster.num_cpus={num_cpus})",
         )
         reap_stale_embedded()
-        env.update(EMBEDDED_ENV)
+        env.update(EMBEDDED_ENV, **{DRIVER_ENV: driver_identity(os.getpid())})
         if not cluster.dashboard:
             env.update(NO_DASHBOARD_ENV)
         os.environ.update({k: v for k, v in env.items() if k in (*EMBEDDED_ENV, *NO_DASHBOARD_ENV)})

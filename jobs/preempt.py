@@ -65,6 +65,31 @@ def asked(run_dir: Path) -> str | None:
     return None
 
 
+def driver_gone() -> str | None:
+    """On a worker of an embedded cluster: why it must stop at once (its driver is
+    dead: killed with SIGKILL, its Ray went with it, and the rerun owns the run
+    directory now), else None. Workers of a remote cluster have no such driver."""
+    from cluster.connect import DRIVER_ENV, identity_alive
+
+    identity = os.environ.get(DRIVER_ENV)
+    if not identity or identity_alive(identity):
+        return None
+    return f"the driver (pid {identity.partition(':')[0]}) is gone"
+
+
+def exit_if_driver_gone() -> None:
+    """Called by every rank before it writes into the run directory: a worker whose
+    driver died ends its process here, writing nothing (no metrics line, no checkpoint,
+    no exception that a handler could log)."""
+    why = driver_gone()
+    if why is not None:
+        import sys
+
+        sys.stderr.write(f"graft: {why}; worker pid {os.getpid()} stops without writing\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def clear(run_dir: Path) -> None:
     """A new session of the run: a marker left by an earlier preempted driver is done."""
     (run_dir / MARKER).unlink(missing_ok=True)

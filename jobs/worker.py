@@ -779,6 +779,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
                     early.enabled and state.evals_without_improvement >= early.patience
                 )
 
+        preempt.exit_if_driver_gone()  # (before anything of this step is written)
         if record:
             run.log.log({"step": state.step, **record})
         # Ray's controller drains reports on its health-check tick (2 s by default), so
@@ -953,6 +954,7 @@ def save_checkpoint(run: Run, engine: Any, state: State) -> None:
     """Every rank writes its shards into <run>/checkpoints/step_N, then its commit marker;
     rank 0 then drops old complete checkpoints beyond train.keep_checkpoints (the best
     one is kept while early stopping needs it)."""
+    preempt.exit_if_driver_gone()
     parent = run.run_dir / CHECKPOINTS
     directory = parent / ckpt.dir_name(state.step)
     if run.rank == 0 and directory.exists():

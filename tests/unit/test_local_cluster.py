@@ -198,3 +198,101 @@ def test_reaping_goes_on_until_a_dead_drivers_session_is_empty(
         proc.wait()
         for left in connect.session_processes(str(session)):
             left.kill()
+
+
+def test_a_driver_is_told_apart_from_a_later_process_given_its_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver is named by pid and start time: a dead one, a zombie, and a live process
+    that has its pid but started later are not it (the reaper then stops that dead
+    driver's session, where a bare pid check took the newcomer for the driver)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from cluster import connect
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    zombie = subprocess.Popen(["true"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        assert connect.identity_alive(connect.driver_identity(live.pid))
+        assert connect.identity_alive(connect.driver_identity(os.getpid()))
+        deadline = time.time() + 10  # (it exits; nobody waits for it yet)
+        while zombie_status(zombie.pid) != "zombie" and time.time() < deadline:
+            time.sleep(0.05)
+        assert zombie_status(zombie.pid) == "zombie"
+        assert not connect.identity_alive(connect.driver_identity(zombie.pid))
+        assert not connect.identity_alive(f"{dead.pid}:0.0")
+        reused = f"{live.pid}:{float(connect.driver_identity(live.pid).split(':')[1]) - 60!r}"
+        assert not connect.identity_alive(reused)
+
+        monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "home"))
+        folder = tmp_path / "home" / connect.EMBEDDED
+        folder.mkdir(parents=True)
+        session = tmp_path / "session_dead"
+        session.mkdir()
+        hold = f"f = open({str(session / 'agent.log')!r}, 'w'); import time; time.sleep(120)"
+        orphan = subprocess.Popen([sys.executable, "-c", hold])
+        deadline = time.time() + 20
+        while not connect.session_processes(str(session)) and time.time() < deadline:
+            time.sleep(0.05)
+        record = {"driver_pid": live.pid, "driver": reused, "session_dir": str(session)}
+        (folder / f"{live.pid}.json").write_text(json.dumps(record))
+        assert connect.reap_stale_embedded() == [orphan.pid]
+        assert orphan.wait(timeout=10) is not None and live.poll() is None
+    finally:
+        for proc in (live, zombie):
+            proc.kill()
+            proc.wait()
+
+
+def zombie_status(pid: int) -> str:
+    import psutil
+
+    try:
+        return str(psutil.Process(pid).status())
+    except psutil.NoSuchProcess:
+        return "gone"
+
+
+@pytest.mark.parametrize("driver", ["dead", "alive", "remote"])
+def test_a_worker_whose_driver_died_stops_before_writing(tmp_path: Path, driver: str) -> None:
+    """The race behind test_a_killed_and_a_preempted_driver failing in CI: the workers
+    of a SIGKILLed driver trained on (for a minute, until their GCS client gave up),
+    logging steps into the run directory the rerun was taking over. Every rank now
+    checks its embedded driver before writing; a worker of a remote cluster has none."""
+    import os
+    import subprocess
+    import sys
+
+    from cluster import connect
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    env = dict(os.environ)
+    env.pop(connect.DRIVER_ENV, None)
+    if driver != "remote":
+        pid = gone.pid if driver == "dead" else os.getpid()
+        env[connect.DRIVER_ENV] = f"{pid}:0.0" if driver == "dead" else connect.driver_identity(pid)
+    out = tmp_path / "written"
+    code = (
+        "from jobs import preempt\n"
+        "preempt.exit_if_driver_gone()\n"
+        f"open({str(out)!r}, 'w').write('step 6')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[2],  # (the repository: `jobs` imports from there)
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if driver == "dead":
+        assert done.returncode == 1 and not out.exists()
+        assert f"the driver (pid {gone.pid}) is gone" in done.stderr
+    else:
+        assert done.returncode == 0 and out.read_text() == "step 6", done.stderr
