@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 MODEL_TASKS = ("causal_lm", "image_classification", "seq2seq", "sequence_classification")
-DATA_SOURCES = ("file", "stdlib_docs", "wordnet_supersense", "wordnet_instruct")
+DATA_SOURCES = ("file", "hf", "stdlib_docs", "wordnet_supersense", "wordnet_instruct")
 DATA_TASKS = ("classification", "image_classification", "instruction", "text")
 # data.task (the record format) -> the model tasks that train on it.
 DATA_MODEL_TASKS = {
@@ -48,6 +48,7 @@ LORA_VARIANTS = ("lora", "dora", "rslora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
 TERMS = ("l2sp", "dann", "distill", "ewc", "multitask")
 SCHEDULES = ("constant", "linear", "cosine")
+LOGGERS = ("tensorboard", "mlflow", "wandb")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")
 LORA_QUANTIZE = ("nf4",)
@@ -107,8 +108,16 @@ class DataConfig:
     name: str = MISSING
     task: str = "classification"
     source: str = "file"
-    # A JSONL/CSV/TXT file for source=file; the WordNet data.noun file for wordnet_*.
+    # A JSONL/CSV/TXT file for source=file; the WordNet data.noun file for wordnet_*;
+    # for source=hf (Hugging Face datasets): a JSON/JSONL/CSV/Parquet/Arrow file, a
+    # folder of them, a dataset saved with save_to_disk, or a hub id where the network allows.
     path: str | None = None
+    # source=hf: the dataset's configuration name (load_dataset's `name`) and the splits
+    # to read; an eval/test split given here is used as it is (like data.eval_path).
+    hf_name: str | None = None
+    hf_split: str = "train"
+    hf_eval_split: str | None = None
+    hf_test_split: str | None = None
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = "prompt"
@@ -153,7 +162,11 @@ class DataConfig:
                 "data.test_fraction",
                 f"give data.test_path or data.test_fraction, not both (got {self.test_fraction})",
             )
-        if self.test_fraction + self.eval_fraction >= 1.0 and self.eval_path is None:
+        if (
+            self.test_fraction + self.eval_fraction >= 1.0
+            and self.eval_path is None
+            and self.hf_eval_split is None
+        ):
             raise ConfigError(
                 "data.test_fraction",
                 f"data.test_fraction + data.eval_fraction = {self.test_fraction + self.eval_fraction:g} "
@@ -165,6 +178,37 @@ class DataConfig:
             raise ConfigError("data.num_classes", f"must be >= 2, got {self.num_classes}")
         if self.source == "file" and not self.path:
             raise ConfigError("data.path", "data.source=file needs a file path (JSONL, CSV or TXT)")
+        if self.source == "hf" and not self.path:
+            raise ConfigError(
+                "data.path",
+                "data.source=hf needs a dataset: a JSON/CSV/Parquet/Arrow file, a folder of "
+                "them, a save_to_disk folder, or a hub id",
+            )
+        if self.source != "hf":
+            for key, value, unset in (
+                ("hf_name", self.hf_name, None),
+                ("hf_split", self.hf_split, "train"),
+                ("hf_eval_split", self.hf_eval_split, None),
+                ("hf_test_split", self.hf_test_split, None),
+            ):
+                if value != unset:
+                    raise ConfigError(
+                        f"data.{key}",
+                        f"applies to Hugging Face datasets (data.source=hf), not data.source={self.source}",
+                    )
+        for key, split, path in (
+            ("hf_eval_split", self.hf_eval_split, self.eval_path),
+            ("hf_test_split", self.hf_test_split, self.test_path),
+        ):
+            if split is not None and path is not None:
+                raise ConfigError(
+                    f"data.{key}", f"give data.{key} or data.{key[3:-6]}_path, not both"
+                )
+        if self.hf_test_split is not None and self.test_fraction:
+            raise ConfigError(
+                "data.test_fraction",
+                f"give data.hf_test_split or data.test_fraction, not both (got {self.test_fraction})",
+            )
         if self.image_size is not None:
             _positive("data.image_size", self.image_size)
         if self.task != "image_classification":
@@ -485,12 +529,29 @@ class RunConfig:
     export: bool = True
     # LoRA: also save the adapter merged into the base weights.
     export_merged: bool = False
+    # Experiment trackers, beside metrics.jsonl (always written): tensorboard
+    # (<run>/tensorboard), mlflow (run.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI,
+    # else sqlite:///<run.output_dir>/mlflow.db), wandb (offline unless $WANDB_MODE says
+    # otherwise; files in <run>/wandb). Rank 0 logs; a resumed run continues its own
+    # tracker run.
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The MLflow experiment and the W&B project.
+    project: str = "graft"
+    mlflow_tracking_uri: str | None = None
 
     def check(self) -> None:
         if self.name is not None and (
             not self.name or "/" in self.name or self.name.startswith(".")
         ):
             raise ConfigError("run.name", f"must be a plain directory name, got {self.name!r}")
+        for logger in self.loggers:
+            _one_of("run.loggers", logger, LOGGERS)
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(
+                "run.loggers", f"{list(self.loggers)} names a logger twice; allowed: each once"
+            )
+        if not self.project.strip():
+            raise ConfigError("run.project", "must name an MLflow experiment / W&B project")
 
 
 SAMPLERS = ("tpe", "random", "qmc")

@@ -48,7 +48,7 @@ def write(
     command_file = run_dir / COMMAND
     command = command_file.read_text().strip() if command_file.is_file() else None
     data = cfg.data
-    data_desc = data.path if data.source == "file" else data.source
+    data_desc = data.path if data.source in ("file", "hf") else data.source
     card_data = ModelCardData(
         base_model=base if "/" in base and not Path(base).is_absolute() else None,
         library_name="peft" if adapter else "transformers",

@@ -154,14 +154,40 @@ _NOT_IN_NAME = ("run", "cluster", "sweep")
 _TRAIN_NOT_IN_NAME = ("max_failures",)
 
 
+def _non_default(obj: Any) -> Any:
+    """A config as a dict of only what differs from the schema's defaults: a key added to
+    the schema later (at its default) leaves existing runs' names, and so their resume,
+    as they were."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(value):
+            trimmed = _non_default(value)
+            if trimmed:
+                out[f.name] = trimmed
+        elif value != default:
+            out[f.name] = [_non_default(v) for v in value] if isinstance(value, list) else value
+    return out
+
+
 def run_name(cfg: FinetuneConfig) -> str:
     """``run.name``, or model-data-strategy-<hash of the config>: a rerun of the same
     command finds the same directory (and resumes from its checkpoints)."""
     if cfg.run.name:
         return cfg.run.name
-    content = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_NAME}
+    content = {
+        k: v for k, v in _non_default(cfg).items() if k not in _NOT_IN_NAME and v is not None
+    }
     for key in _TRAIN_NOT_IN_NAME:
-        content["train"].pop(key, None)
+        content.get("train", {}).pop(key, None)
     digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[
         :8
     ]

@@ -30,6 +30,15 @@ class Preflight:
 
 def preflight(cfg: FinetuneConfig) -> Preflight:
     cfg.check()
+    from jobs.trackers import missing_packages
+
+    missing = missing_packages(cfg.run.loggers)
+    if missing:
+        raise ConfigError(
+            "run.loggers",
+            f"{list(cfg.run.loggers)} needs {missing}, not installed here "
+            f"(pip install {' '.join(missing)}); allowed without them: tensorboard",
+        )
     if cfg.model.config_only:
         raise ConfigError(
             "model.config_only",

@@ -1,4 +1,5 @@
-"""The run directory's metrics: ``metrics.jsonl`` (one JSON object per line) and TensorBoard.
+"""The run directory's metrics: ``metrics.jsonl`` (one JSON object per line), and the
+experiment trackers of ``run.loggers`` (jobs/trackers.py: TensorBoard by default).
 
 Written by rank 0 only. On resume, lines past the checkpoint's step are dropped so the
 file reads as one uninterrupted run.
@@ -37,18 +38,25 @@ def write_atomic(path: Path, text: str) -> None:
 # Fields of a record that are not metrics (the summary line leaves them out).
 BOOKKEEPING = ("time", "train_time_s", "startup_s", "time_to_first_step_s")
 # What happened to the run itself stays through a resume's truncation.
-KEPT = ("failure", "preempted", "checkpoint_skipped")
+KEPT = ("failure", "preempted", "checkpoint_skipped", "tracker_failed")
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, *, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, cfg: Any = None) -> None:
+        """``cfg`` (a FinetuneConfig) starts its ``run.loggers``; without it, TensorBoard."""
         self.path = Path(run_dir) / METRICS
         self.enabled = enabled
-        self._tb: Any = None
+        self.trackers: Any = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            from jobs import trackers
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            if cfg is None:
+                self.trackers = trackers.Trackers.tensorboard_only(Path(run_dir))
+            else:
+                self.trackers = trackers.Trackers(Path(run_dir), cfg, on_failure=self._failed)
+
+    def _failed(self, tracker: str, message: str) -> None:
+        self._write({"event": "tracker_failed", "tracker": tracker, "error": message})
 
     def reset(self) -> None:
         """A run that starts from step 0 again (no complete checkpoint) starts a fresh file."""
@@ -75,18 +83,20 @@ class RunLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = self._write(record)
+        self.trackers.log(record)
+
+    def _write(self, record: dict[str, Any]) -> dict[str, Any]:
         record = {**record, "time": time.time()}  # wall clock: lets tools time a run from outside
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record.get("step", 0)
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step", "time"):
-                self._tb.add_scalar(key, value, step)
-            elif isinstance(value, dict):
-                for sub, v in value.items():
-                    self._tb.add_scalar(f"{key}/{sub}", v, step)
-        self._tb.flush()
+        return record
+
+    def artifact(self, path: Path, name: str) -> None:
+        """A folder the trackers keep with the run (the export)."""
+        if self.enabled:
+            self.trackers.artifact(path, name)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -39,6 +39,7 @@ from jobs import checkpoint as ckpt
 from jobs import data as data_lib
 from jobs import engine as engine_lib
 from jobs import memory, norms, objectives, preempt, runlog, strategies, tasks
+from jobs.data import cache as token_cache
 from jobs.evaluate import evaluate
 from jobs.export import export
 from jobs.models import Layout, build, hidden_size
@@ -343,7 +344,7 @@ def setup(
         )
 
     def batches(records: list[dict[str, str]], data: Any = cfg.data) -> list[Any]:
-        return shard(task.encode(records, tokenizer, data, dataset.labels))
+        return shard(token_cache.encode(task, records, tokenizer, data, dataset.labels))
 
     # The forgetting probe's data (eval.source_path), in the run's format or plain text.
     source = None
@@ -351,7 +352,7 @@ def setup(
         source = data_lib.read_extra(
             cfg.eval.source_path, cfg.data, task, key="eval.source_path", labels=dataset.labels
         )
-    train_set = task.encode(dataset.train, tokenizer, cfg.data, dataset.labels)
+    train_set = token_cache.encode(task, dataset.train, tokenizer, cfg.data, dataset.labels)
     per_epoch = data_lib.micro_batches_per_epoch(
         len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
     )
@@ -379,7 +380,7 @@ def setup(
     if torch.distributed.is_initialized() and world > 1:
         pids = [None] * world
         torch.distributed.all_gather_object(pids, os.getpid())
-    log = runlog.RunLog(run_dir, enabled=rank == 0)
+    log = runlog.RunLog(run_dir, enabled=rank == 0, cfg=cfg)
     before = runlog.read(run_dir) if rank == 0 and session else []
     resume_from = _usable_checkpoint(run_dir / CHECKPOINTS, rank=rank, world=world, log=log)
     if resume_from is None:
@@ -645,6 +646,8 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "num_phases": len(run.phases),
                 "session": run.session,
                 "pids": run.pids,
+                # this worker's tokenised-data cache (jobs/data/cache.py): hits, misses
+                "token_cache": dict(token_cache.stats),
                 # from the run's start (a pool: its submission) to its engine, ready to train
                 "startup_s": time.time() - run.started,
             }
@@ -1085,6 +1088,7 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
             labels=run.dataset.labels,
             metrics=final,
         )
+        run.log.artifact(run.run_dir / "export", "export")
     run.log.close()
     engine.destroy()
     # The run's result, also when a rerun found it already finished: a sweep trial's

@@ -385,7 +385,7 @@ def run(cfg: FinetuneConfig, kind: str, *, run_dir: Path | None = None) -> dict[
         + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
         + f" examples, {len(labels)} labels -> {run_dir}"
     )
-    log = runlog.RunLog(run_dir, enabled=True)
+    log = runlog.RunLog(run_dir, enabled=True, cfg=cfg)
     log.log({"event": "start", "step": 0, "kind": kind, "method": method, "labels": len(labels)})
     started = time.time()
     score: Callable[[list[dict[str, str]]], torch.Tensor]

@@ -49,6 +49,10 @@ def _read(cfg: DataConfig, fields: tuple[str, ...]) -> list[dict[str, str]]:
     if cfg.source == "file":
         assert cfg.path is not None
         return files.read(cfg.path, cfg, fields, key="data.path")
+    if cfg.source == "hf":
+        from jobs.data import hf_datasets
+
+        return hf_datasets.read(cfg, fields, split=cfg.hf_split, split_key="data.hf_split")
     if cfg.source == "stdlib_docs":
         return stdlib_docs.examples()
     if cfg.source == "wordnet_supersense":
@@ -79,20 +83,28 @@ def load(cfg: DataConfig, task: Any = None) -> Dataset:
     task = task or tasks.for_data(cfg)
     fields = task.fields(cfg)
     records = _read(cfg, fields)
-    if cfg.source == "file":
+    if cfg.source in ("file", "hf"):
         records = normalise(records, cfg)
     given = {
         split: normalise(files.read(path, cfg, fields, key=f"data.{split}_path"), cfg)
         for split, path in (("eval", cfg.eval_path), ("test", cfg.test_path))
         if path is not None
     }
+    for split, name in (("eval", cfg.hf_eval_split), ("test", cfg.hf_test_split)):
+        if name is not None:
+            from jobs.data import hf_datasets
+
+            rows = hf_datasets.read(cfg, fields, split=name, split_key=f"data.hf_{split}_split")
+            given[split] = normalise(rows, cfg)
     records, labels = task.labels(records, cfg)
     if labels is not None:
         for split, rows in given.items():
             unknown = sorted({r["label"] for r in rows} - set(labels))
             if unknown:
                 raise ConfigError(
-                    f"data.{split}_path",
+                    f"data.hf_{split}_split"
+                    if getattr(cfg, f"hf_{split}_split")
+                    else f"data.{split}_path",
                     f"labels {unknown} do not occur in the training data; its labels: {labels}",
                 )
     rng = random.Random(cfg.split_seed)

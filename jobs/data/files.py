@@ -9,7 +9,7 @@ from pathlib import Path
 from conf.schema import ConfigError, DataConfig
 
 
-def _check_record(
+def check_record(
     record: object, where: str, fields: tuple[str, ...], key: str, forbid: tuple[str, ...] = ()
 ) -> dict[str, str]:
     if not isinstance(record, dict):
@@ -66,7 +66,7 @@ def read_jsonl(
                 raise ConfigError(key, f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             where = f"{path}:{lineno}"
             if _selected(record, where, select, key):
-                records.append(_check_record(record, where, fields, key, forbid))
+                records.append(check_record(record, where, fields, key, forbid))
     return records
 
 
@@ -88,7 +88,7 @@ def read_csv(
             )
         # Line numbers count the header as line 1.
         return [
-            _check_record(row, f"{path}:{reader.line_num}", fields, key, forbid)
+            check_record(row, f"{path}:{reader.line_num}", fields, key, forbid)
             for row in reader
             if _selected(row, f"{path}:{reader.line_num}", select, key)
         ]

@@ -182,3 +182,23 @@ def test_run_name_is_deterministic_and_tracks_training_settings() -> None:
         a
     )  # where it runs is not what it is
     assert run_name(compose(["run.name=mine"])) == "mine"
+
+
+def test_a_key_added_to_the_schema_later_keeps_existing_run_names() -> None:
+    """A rerun after an upgrade that added config keys (at their defaults) must find its
+    run directory, and so its checkpoints, under the same name."""
+    import dataclasses
+
+    from conf.schema import DataConfig
+
+    @dataclasses.dataclass
+    class DataConfigNext(DataConfig):
+        a_new_setting: int = 7
+
+    a = compose(["data.max_length=64"])
+    upgraded = dataclasses.replace(a, data=DataConfigNext(**dataclasses.asdict(a.data)))
+    assert run_name(upgraded) == run_name(a)
+    changed = dataclasses.replace(
+        a, data=DataConfigNext(**dataclasses.asdict(a.data), a_new_setting=8)
+    )
+    assert run_name(changed) != run_name(a)
