@@ -12,7 +12,7 @@ import tempfile
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
