@@ -11,7 +11,7 @@ export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install install-models demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot lock clean
+.PHONY: install install-models install-browser demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot lock clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ install-models: install
 	  echo "graft: install Debian's wordnet-base for the WordNet data sets")
 	test -d /usr/share/icons/oxygen/base/128x128 || (apt-get install -y -qq oxygen-icon-theme >/dev/null 2>&1 || \
 	  echo "graft: install Debian's oxygen-icon-theme for the vision benchmark's icons")
+
+# Headless Chromium (Debian's package) for the report page's browser test.
+install-browser:
+	command -v chromium >/dev/null || (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  echo "graft: install Debian's chromium for the report page's browser test")
 
 demo: install
 	$(VENV)/bin/graft finetune

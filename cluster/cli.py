@@ -16,6 +16,7 @@ graft status [JOB] | logs JOB [--follow] | stop JOB | list     jobs on a cluster
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="graft",
@@ -74,7 +76,7 @@ def exits(*errors: type[BaseException], label: str = "error", code: int = 2) -> 
     try:
         yield
     except errors as e:
-        err.print(f"[red]{label}:[/red] {e}")
+        err.print(f"[red]{label}:[/red] {escape(str(e))}")  # a [list] in it is text
         raise typer.Exit(code) from None
 
 
@@ -313,6 +315,45 @@ def report(
     with exits(ConfigError, FileNotFoundError, KeyError):
         out = write_report(run, storage=storage)
     typer.echo(f"{out / 'report.md'}\n{out / 'report.html'}\n{out / 'best.yaml'}")
+
+
+class DashboardKind(enum.StrEnum):
+    auto = "auto"
+    optuna = "optuna"
+    tensorboard = "tensorboard"
+
+
+@app.command()
+def dashboard(
+    target: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN_OR_SWEEP",
+            help="A sweep directory (optuna-dashboard), a run or a folder of runs (TensorBoard).",
+        ),
+    ],
+    kind: Annotated[
+        DashboardKind,
+        typer.Option(help="Which dashboard (auto: optuna for a sweep, else TensorBoard)."),
+    ] = DashboardKind.auto,
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 takes a free one.")] = 0,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="The study's storage URL, when it is not the one in sweep.json."),
+    ] = None,
+) -> None:
+    """Serve a sweep's study (optuna-dashboard) or runs' curves (TensorBoard); prints the URL."""
+    from conf.schema import ConfigError
+    from jobs.dashboard import serve
+
+    with exits(ConfigError, OSError):
+        try:
+            serve(
+                target, kind=kind.value, host=host, port=port, storage=storage, announce=typer.echo
+            )
+        except KeyboardInterrupt:
+            pass
 
 
 # --------------------------------------------------------------------------- configs

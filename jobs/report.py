@@ -1,6 +1,11 @@
 """A sweep's report: Markdown + HTML with PNG plots, a trial table, and the best config
 as a Hydra experiment file that ``graft finetune +experiment=<it>`` reruns.
 
+The generic plots are Optuna's own (``optuna.visualization``: history, slices, parallel
+coordinates, importances, Pareto front), each as a PNG and an interactive plotly page;
+the learning curves (per training step, ASHA's prunes marked) and the baseline chart
+with its negative-transfer verdict are graft's.
+
     python -m jobs.report runs/<sweep-name>          # same as: graft report runs/<sweep-name>
 
 Everything comes from the Optuna study (so a study shared by several drivers reports
@@ -111,33 +116,6 @@ def _plt() -> Any:
     return plt
 
 
-def plot_history(rows: list[TrialRow], metric: str, mode: str, path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    done = [r for r in rows if r.state == "COMPLETE" and r.values]
-    pruned = [r for r in rows if r.state == "PRUNED" and r.curve]
-    ax.scatter([r.number for r in done], [r.values[0] for r in done], label="complete")  # type: ignore[index]
-    ax.scatter(
-        [r.number for r in pruned],
-        [r.curve[-1][1] for r in pruned],
-        marker="x",
-        color="grey",
-        label="pruned (last eval)",
-    )
-    best, line = None, []
-    for r in sorted(done, key=lambda r: r.number):
-        v = r.values[0]  # type: ignore[index]
-        best = v if best is None or (v > best if mode == "max" else v < best) else best
-        line.append((r.number, best))
-    if line:
-        ax.step(*zip(*line, strict=True), where="post", color="black", label="best so far")
-    ax.set(xlabel="trial", ylabel=metric, title="Optimization history")
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
 def plot_curves(rows: list[TrialRow], metric: str, eval_every: int, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -163,75 +141,43 @@ def plot_curves(rows: list[TrialRow], metric: str, eval_every: int, path: Path) 
     plt.close(fig)
 
 
-def plot_slices(rows: list[TrialRow], space: dict[str, ParamSpec], metric: str, path: Path) -> None:
-    plt = _plt()
-    done = [r for r in rows if r.state == "COMPLETE" and r.values]
-    names = list(space)
-    cols = min(3, len(names))
-    nrows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=False):
-        spec = space[name]
-        have = [r for r in done if name in r.params]
-        if spec.type == "categorical":
-            choices = [str(c) for c in spec.choices or []]
-            xs = [choices.index(str(r.params[name])) for r in have]
-            ax.set_xticks(range(len(choices)), choices, rotation=20, fontsize=7)
-            ax.set_xlim(-0.5, len(choices) - 0.5)
-        else:
-            xs = [r.params[name] for r in have]
-            if spec.type == "log_float":
-                ax.set_xscale("log")
-        colors = [STRATEGY_COLORS.get(str(r.params.get("strategy")), "#333333") for r in have]
-        ax.scatter(xs, [r.values[0] for r in have], c=colors)  # type: ignore[index]
-        ax.set(title=name, ylabel=metric)
-        if not have:
-            ax.text(
-                0.5,
-                0.5,
-                "no complete trial\nsampled it",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.suptitle("Slices: each parameter against the objective (complete trials)")
-    fig.tight_layout()
+# Optuna's own plots (optuna.visualization): each a PNG (its matplotlib backend) for the
+# Markdown report and an interactive plotly HTML page beside it, linked from report.html.
+OPTUNA_PLOTS = {
+    "history": ("Optimization history", "plot_optimization_history"),
+    "slices": ("Slice plots", "plot_slice"),
+    "parallel": ("Parallel coordinates", "plot_parallel_coordinate"),
+    "importances": ("Parameter importances", "plot_param_importances"),
+    "pareto": ("Pareto front", "plot_pareto_front"),
+}
+
+
+def optuna_plot(study: Any, name: str, path: Path, **kwargs: Any) -> Path:
+    """``optuna.visualization``'s plot ``name`` of the study: <name>.png and <name>.html
+    (its plotly.js in plotly.min.js beside it: the page works offline). Returns the HTML."""
+    import numpy as np
+    import optuna.visualization as vis
+    import optuna.visualization.matplotlib as vis_mpl
+
+    _plt()
+    function = OPTUNA_PLOTS[name][1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the matplotlib backend is "experimental"
+        axes = getattr(vis_mpl, function)(study, **kwargs)
+        figure = getattr(vis, function)(study, **kwargs)
+    fig = np.ravel(axes)[0].figure
+    if name != "slices":
+        fig.set_size_inches(7, 4.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some of Optuna's axes do not fit tight_layout
+        fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
-
-
-def plot_importances(importances: dict[str, float], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(importances)))
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (Optuna PED-ANOVA)", title="Parameter importances")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-
-
-def plot_pareto(rows: list[TrialRow], front: set[int], names: list[str], path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    done = [r for r in rows if r.state == "COMPLETE" and r.values]
-    for on_front in (False, True):
-        pts = [r for r in done if (r.number in front) == on_front]
-        ax.scatter(
-            [r.values[0] for r in pts],  # type: ignore[index]
-            [r.values[1] for r in pts],  # type: ignore[index]
-            color="red" if on_front else "grey",
-            label="Pareto front" if on_front else "dominated",
-        )
-        for r in pts:
-            ax.annotate(f"#{r.number}", (r.values[0], r.values[1]), fontsize=7)  # type: ignore[index]
-    ax.set(xlabel=names[0], ylabel=names[1], title="Pareto front")
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _plt().close(fig)
+    page = path.with_suffix(".html")
+    tmp = page.with_name(f".{page.stem}.{os.getpid()}.{threading.get_ident()}.html")
+    figure.write_html(tmp, include_plotlyjs="directory", full_html=True)
+    tmp.replace(page)
+    return page
 
 
 def plot_baselines(
@@ -306,35 +252,39 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
         except Exception as e:  # a plot that cannot be drawn is said, not skipped silently
             notes.append(f"{title}: not drawn ({type(e).__name__}: {e})")
 
-    plot("history.png", "Optimization history", plot_history, rows, metric, mode)
-    plot("curves.png", "Learning curves", plot_curves, rows, metric, meta["eval_every"])
-    plot("slices.png", "Slice plots", plot_slices, rows, space, metric)
     complete = [r for r in rows if r.state == "COMPLETE"]
-    if len(complete) >= 3:
+    multi = len(objectives) > 1
+    names = [o["metric"] for o in objectives]
+    # One objective's view of a multi-objective study; Optuna's importances (PED-ANOVA)
+    # explain reaching *low* values, so a maximised objective is negated for them.
+    first = {"target": (lambda t: t.values[0]), "target_name": metric} if multi else {}
+    sign = -1.0 if mode == "max" else 1.0
+
+    def optuna_plot_of(name: str, minimum: int = 1, **kwargs: Any) -> None:
+        title = OPTUNA_PLOTS[name][0]
+        if len(complete) < minimum:
+            notes.append(f"{title}: need at least {minimum} complete trials")
+            return
         try:
-            # Optuna's default evaluator (PED-ANOVA) explains reaching *low* target values.
-            sign = -1.0 if mode == "max" else 1.0
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                importances = optuna.importance.get_param_importances(
-                    study, target=lambda t: sign * t.values[0]
-                )
-            plot("importances.png", "Parameter importances", plot_importances, importances)
-        except Exception as e:
-            notes.append(f"Parameter importances: not computed ({type(e).__name__}: {e})")
-    else:
-        notes.append("Parameter importances: need at least 3 complete trials")
+            optuna_plot(study, name, out / f"{name}.png", **kwargs)
+            plots.append((f"{name}.png", title))
+        except Exception as e:  # a plot that cannot be drawn is said, not skipped silently
+            notes.append(f"{title}: not drawn ({type(e).__name__}: {e})")
+
+    optuna_plot_of("history", **first)
+    plot("curves.png", "Learning curves", plot_curves, rows, metric, meta["eval_every"])
+    optuna_plot_of("slices", **first)
+    optuna_plot_of("parallel", minimum=2, **first)
+    optuna_plot_of(
+        "importances",
+        minimum=3,
+        target=lambda t: sign * t.values[0],
+        target_name=f"{metric}" + (" (negated: maximised)" if mode == "max" else ""),
+    )
     front: set[int] = set()
-    if len(objectives) > 1 and complete:
+    if multi and complete:
         front = {t.number for t in study.best_trials}
-        plot(
-            "pareto.png",
-            "Pareto front",
-            plot_pareto,
-            rows,
-            front,
-            [o["metric"] for o in objectives],
-        )
+        optuna_plot_of("pareto", target_names=names)
 
     best = summary.get("best")
     verdict = ""
@@ -556,7 +506,7 @@ def _html(
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>Sweep {e(meta['name'])}</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+        "img{max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
         ".neg{color:#b00;font-weight:bold}</style></head><body>",
         f"<h1>Sweep {e(meta['name'])}</h1>",
         f"<p>Study <code>{e(meta['study'])}</code>: {len(rows)} trials ({counts['COMPLETE']} complete, "
@@ -581,7 +531,10 @@ def _html(
     for row in _table_rows(rows, objectives, params, front):
         parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
     parts.append("</table><h2>Plots</h2>")
-    parts += [f"<h3>{e(title)}</h3><img src='{e(name)}' alt='{e(title)}'>" for name, title in plots]
+    for name, title in plots:
+        stem = name.removesuffix(".png")
+        live = f" <a href='{e(stem)}.html'>(interactive)</a>" if stem in OPTUNA_PLOTS else ""
+        parts.append(f"<h3>{e(title)}{live}</h3><img src='{e(name)}' alt='{e(title)}'>")
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
     parts.append("</body></html>")

@@ -144,6 +144,7 @@ def _gang_runs(data_dir: Path, teacher: Path) -> dict[str, list[str]]:
         "data.max_length=48",
         "train.eval_every=20",
         "train.checkpoint_every=20",
+        "run.loggers=[tensorboard,mlflow]",
     ]
     runs["offload-bf16-lora"] = llm + [
         "deepspeed=zero3_offload",
@@ -322,6 +323,23 @@ def test_classification_head_learns_and_exports_with_its_labels(gang: dict[str, 
             )
         ).logits
     assert [model.config.id2label[i] for i in logits.argmax(-1).tolist()] == ["pos", "neg"]
+
+
+def test_mlflow_tracks_the_run_from_its_rank0_worker(gang: dict[str, Any]) -> None:
+    mlflow = pytest.importorskip("mlflow", reason="run.loggers=[mlflow] needs mlflow-skinny")
+    cfg, records, run_dir = gang["classify"]
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == cfg.run.project]
+    (tracked,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'classify'")
+    assert json.loads(tracked.data.params["train.max_steps"]) == 40
+    logged = {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}
+    history = client.get_metric_history(tracked.info.run_id, "loss")
+    assert {m.step: m.value for m in history} == pytest.approx(logged)
+    end = _event(records, "end")
+    final = client.get_metric_history(tracked.info.run_id, "eval_macro_f1")[-1]
+    assert final.step == 40 and final.value == pytest.approx(end["eval_macro_f1"])
+    exported = {a.path for a in client.list_artifacts(tracked.info.run_id, "export")}
+    assert "export/config.json" in exported and "export/labels.json" in exported
 
 
 def test_lora_merged_export_matches_the_adapter(gang: dict[str, Any], tmp_path: Path) -> None:

@@ -412,10 +412,16 @@ def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> N
     assert "| forgotten | eval_accuracy/topic | eval_accuracy/mean |" in header
     row = next(line for line in md.splitlines() if line.startswith("| 1 "))
     assert "| 0.25 | 0.75 | 0.625 |" in row
-    for name in ("history", "curves", "slices", "importances", "baselines"):
+    for name in ("history", "curves", "slices", "parallel", "importances", "baselines"):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
         assert f"{name}.png" in md and f"{name}.png" in page
+    # Optuna's plots also as interactive plotly pages that work offline
+    for name in ("history", "slices", "parallel", "importances"):
+        live = (out / f"{name}.html").read_text()
+        assert "plotly.min.js" in live and "Plotly.newPlot" in live, name
+        assert f"href='{name}.html'" in page
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000
     experiment = (out / "best.yaml").read_text()
     assert experiment.startswith("# @package _global_")
     rerun = compose([f"+experiment={out / 'best.yaml'}"])
@@ -784,3 +790,163 @@ def test_zero_and_few_shot_baselines_in_the_summary_with_the_gain_over_them(
     lines = "\n".join(describe_summary(summary))
     assert "baseline zero_shot: eval_accuracy" in lines and "baseline few_shot" in lines
     assert "fine-tuning gain over zero_shot (best - zero_shot) on eval_accuracy" in lines
+
+
+# --------------------------------------------------------------------------- dashboards
+def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """``graft dashboard ...`` in a process of its own; returns it and the URL it printed."""
+    import select
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "dashboard", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None
+    seen = []
+    while select.select([proc.stdout], [], [], 60)[0]:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if " at http://" in line:
+            return proc, line.split(" at ", 1)[1].split()[0]
+    proc.kill()
+    raise AssertionError(f"graft dashboard printed no URL: {''.join(seen)}")
+
+
+def _get(url: str, want: str, timeout: float = 60.0) -> str:
+    """The body at ``url`` once it holds ``want`` (a server loads its data in the background)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline, body = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = r.read().decode()
+            if want in body:
+                return body
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} never held {want!r}; last: {body[:300]}")
+
+
+def test_dashboard_serves_the_sweep_study_over_http(data_dir: Path, tmp_path: Path) -> None:
+    sweep_dir = _fake_sweep(data_dir, tmp_path, "[{metric:eval_loss,mode:min}]")
+    proc, url = _serve(str(sweep_dir))
+    try:
+        root = url.split("/dashboard")[0]
+        studies = json.loads(_get(f"{root}/api/studies", '"s"'))["study_summaries"]
+        (study,) = [s for s in studies if s["study_name"] == "s"]
+        trials = json.loads(_get(f"{root}/api/studies/{study['study_id']}", "trials"))["trials"]
+        assert len(trials) == 7
+        assert "<html" in _get(url, "<html").lower()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_dashboard_serves_a_runs_tensorboard_over_http(data_dir: Path, tmp_path: Path) -> None:
+    from jobs import runlog
+
+    run_dir = tmp_path / "runs" / "one"
+    run_dir.mkdir(parents=True)
+    log = runlog.RunLog(run_dir, enabled=True)
+    for step in range(1, 4):
+        log.log({"step": step, "loss": 1.0 / step})
+    log.close()
+    proc, url = _serve(str(tmp_path / "runs"))  # the folder of runs: each run a TensorBoard run
+    try:
+        tags = json.loads(_get(f"{url.rstrip('/')}/data/plugin/scalars/tags", "loss"))
+        assert "loss" in tags["one/tensorboard"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_folder_without_a_sweep_or_logs_is_refused_before_serving(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "dashboard", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "RUN_OR_SWEEP" in out.stderr and "run.loggers=[tensorboard]" in out.stderr
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    _chromium() is None, reason="needs Debian's chromium (make install-browser; .ci/run does it)"
+)
+def test_the_report_page_renders_its_plots_in_a_real_browser(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """report.html in headless Chromium: every plot image loads (a broken <img> is a small
+    grey icon) and the screenshot is mostly the plots' colours, not an empty page."""
+    from PIL import Image
+
+    sweep_dir = _fake_sweep(data_dir, tmp_path, "[{metric:eval_loss,mode:min}]")
+    out = write_report(sweep_dir)
+    # The page reports how many of its images decoded, in its title, for the screenshot run.
+    page = (out / "report.html").read_text()
+    probe = out / "probe.html"
+    probe.write_text(
+        page.replace(
+            "</body>",
+            "<script>window.onload=()=>{const i=[...document.images];"
+            "document.title='loaded '+i.filter(x=>x.complete&&x.naturalWidth>100).length+"
+            "' of '+i.length;document.body.insertAdjacentHTML('afterbegin',"
+            "'<h1 id=probe>'+document.title+'</h1>')}</script></body>",
+        )
+    )
+    shot = tmp_path / "report.png"
+    dom = subprocess.run(
+        [
+            str(_chromium()),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    images = page.count("<img ")
+    assert images >= 6 and f"loaded {images} of {images}" in dom, dom[:500]
+    subprocess.run(
+        [
+            str(_chromium()),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,4000",
+            f"--screenshot={shot}",
+            (out / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 4000)
+    colour = sum(
+        1 for r, g, b in image.getdata() if max(r, g, b) - min(r, g, b) > 60
+    )  # plot marks, bars and lines; the page's text and table are black, grey or white
+    assert colour > 20_000, f"only {colour} coloured pixels: the plots did not render"
