@@ -31,7 +31,7 @@ app = typer.Typer(
     name="graft",
     help="Transfer-learning fine-tuning on Ray with DeepSpeed ZeRO. Configs are Hydra overrides.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
 )
 err = Console(stderr=True, soft_wrap=True)
 
@@ -56,11 +56,23 @@ def _root(
     """graft: fine-tune pretrained models on Ray (embedded local cluster by default)."""
 
 
+def _complete_override(incomplete: str) -> list[str]:
+    """Shell completion of an override: a group's options after ``group=``, else the
+    groups (``+experiment=`` for experiments)."""
+    groups = config_groups()
+    key, eq, value = incomplete.partition("=")
+    if eq:
+        return [f"{key}={o}" for o in groups.get(key.lstrip("+"), []) if o.startswith(value)]
+    names = [("+" if g == "experiment" else "") + g + "=" for g in groups]
+    return [n for n in names if n.startswith(incomplete)]
+
+
 Overrides = Annotated[
     list[str] | None,
     typer.Argument(
         help="Hydra overrides, e.g. model=tiny_llama strategy=lora train.lr=3e-4 +experiment=x",
         show_default=False,
+        autocompletion=_complete_override,
     ),
 ]
 

@@ -11,7 +11,6 @@ composed and checked here first: a bad value never reaches the cluster.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shlex
@@ -44,32 +43,55 @@ class SubmitError(RuntimeError):
     """A clear, user-facing reason a cluster call failed (no stack trace)."""
 
 
-def _excluded(rel: str) -> bool:
-    parts = rel.split("/")
-    for pattern in EXCLUDES:
-        if "/" in pattern or "*" in pattern:
-            if fnmatch.fnmatch(rel, pattern) or any(
-                fnmatch.fnmatch(p, pattern.split("/")[-1]) for p in parts
-            ):
-                return True
-        elif pattern in parts:
-            return True
-    return False
+def _spec(lines: list[str]) -> Any:
+    import pathspec
+
+    return pathspec.PathSpec.from_lines("gitwildmatch", lines)
+
+
+def _ignore_files(directory: Path) -> list[tuple[Path, Any]]:
+    """The ignore specs a directory adds, as Ray's upload reads them: its .gitignore
+    (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) and its .rayignore, each relative to it."""
+    names = [".rayignore"]
+    if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1":
+        names.insert(0, ".gitignore")
+    return [
+        (directory, _spec((directory / name).read_text().splitlines()))
+        for name in names
+        if (directory / name).is_file()
+    ]
 
 
 def upload_size(root: Path = ROOT) -> tuple[int, int]:
-    """(bytes, files) of the working_dir Ray would upload, with EXCLUDES applied."""
+    """(bytes, files) of the working_dir Ray would upload: EXCLUDES (gitwildmatch,
+    relative to the root) and every .gitignore / .rayignore on the way, through
+    pathspec, as Ray's own packaging applies them."""
+    root = Path(root)
+    excludes = _spec(EXCLUDES)
     total = files = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        dirnames[:] = [
-            d for d in dirnames if not _excluded(os.path.normpath(os.path.join(rel_dir, d)))
-        ]
-        for name in filenames:
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if not _excluded(rel):
-                total += os.path.getsize(os.path.join(dirpath, name))
+
+    def skipped(path: Path, specs: list[tuple[Path, Any]], is_dir: bool) -> bool:
+        suffix = "/" if is_dir else ""
+        if excludes.match_file(path.relative_to(root).as_posix() + suffix):
+            return True
+        return any(
+            spec.match_file(path.relative_to(base).as_posix() + suffix) for base, spec in specs
+        )
+
+    def walk(directory: Path, specs: list[tuple[Path, Any]]) -> None:
+        nonlocal total, files
+        specs = specs + _ignore_files(directory)
+        for path in sorted(directory.iterdir()):
+            is_dir = path.is_dir() and not path.is_symlink()
+            if skipped(path, specs, is_dir):
+                continue
+            if is_dir:
+                walk(path, specs)
+            elif path.is_file():
+                total += path.stat().st_size
                 files += 1
+
+    walk(root, [])
     return total, files
 
 

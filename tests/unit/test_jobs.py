@@ -46,5 +46,16 @@ def test_the_upload_leaves_out_environments_outputs_and_caches(tmp_path) -> None
         path.write_bytes(b"x" * 1000)
     size, files = jobs.upload_size(tmp_path)
     assert (size, files) == (1000, 1)
+    # .gitignore and .rayignore, at the top and below, as Ray's own upload reads them
+    (tmp_path / ".gitignore").write_text("*.ckpt\n/data/\n")
+    (tmp_path / "jobs" / ".rayignore").write_text("scratch/\n!keep.ckpt\n")
+    for rel in ("model.ckpt", "data/train.jsonl", "jobs/scratch/x.py", "src/data/ok.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"y" * 10)
+    size, files = jobs.upload_size(tmp_path)
+    # jobs/a.py, src/data/ok.py (/data/ is anchored at the top), and the two ignore files
+    assert files == 4 and size == 1000 + 10 + len("*.ckpt\n/data/\n") + len(
+        "scratch/\n!keep.ckpt\n"
+    )
     real, count = jobs.upload_size()
     assert count > 20 and real < jobs.MAX_UPLOAD_BYTES
