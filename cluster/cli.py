@@ -523,6 +523,28 @@ def predict(
     typer.echo(f"graft: {n} predictions -> {target}")
 
 
+@app.command()
+def push(
+    run: RunArg,
+    repo: Annotated[str, typer.Option(help="The Hub repo, owner/name (made if absent).")],
+    private: Annotated[bool, typer.Option(help="Make a new repo private.")] = False,
+    merged: Annotated[
+        bool, typer.Option(help="Push the merged LoRA model (export/merged) instead.")
+    ] = False,
+    token: Annotated[
+        str | None, typer.Option(help="Hub token; default $HF_TOKEN or the saved login.")
+    ] = None,
+    message: Annotated[str | None, typer.Option(help="The commit message.")] = None,
+) -> None:
+    """Upload a run's export (weights or adapter, tokenizer, model card) to the Hugging Face Hub."""
+    from conf.schema import ConfigError
+    from jobs import push as push_lib
+
+    with exits(ConfigError):
+        url = push_lib.push(run, repo, private=private, merged=merged, token=token, message=message)
+    typer.echo(f"graft: pushed {run} -> {url}")
+
+
 @app.command("merge-lora")
 def merge_lora(
     run: RunArg,

@@ -108,3 +108,40 @@ def test_shell_completion_offers_commands_choices_and_config_options() -> None:
     assert "+experiment=" in complete("graft finetune +exp")
     script = runner.invoke(app, ["--show-completion", "bash"])
     assert script.exit_code == 0 and "_GRAFT_COMPLETE=complete_bash" in script.output
+
+
+def test_push_checks_everything_it_can_before_the_network(tmp_path: Path) -> None:
+    """Up to the point where the network is needed: a run without an export, a bad repo
+    id and HF_HUB_OFFLINE are refused with the key named; with the network allowed, an
+    unreachable Hub endpoint is one clear line, not a traceback."""
+    import socket
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "README.md").write_text("# card\n")
+
+    def push(*args: str, **env: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["push", *args], env=env)
+        return result.exit_code, result.output
+
+    code, out = push(str(tmp_path), "--repo", "me/model")
+    assert code == 2 and "RUN" in out and "no export/" in out
+    code, out = push(str(run), "--repo", "not a repo!")
+    assert code == 2 and "--repo" in out and "not a Hub repo id" in out
+    code, out = push(str(run), "--repo", "me/model", "--merged")
+    assert code == 2 and "graft merge-lora" in out
+    code, out = push(str(run), "--repo", "me/model", HF_HUB_OFFLINE="1")
+    assert code == 2 and "HF_HUB_OFFLINE" in out
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out = push(
+        str(run),
+        "--repo",
+        "me/model",
+        "--token",
+        "hf_x",
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT=f"http://127.0.0.1:{port}",
+    )
+    assert code == 2 and "could not reach the Hub" in out and "Traceback" not in out
