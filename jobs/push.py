@@ -38,7 +38,9 @@ def check_repo(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ConfigError("--repo", f"{repo_id!r} is not a Hub repo id ({e}); e.g. my-org/my-model")
+        raise ConfigError(
+            "--repo", f"{repo_id!r} is not a Hub repo id ({e}); e.g. my-org/my-model"
+        ) from None
     if "/" not in repo_id:
         raise ConfigError("--repo", f"{repo_id!r}: give it as owner/name, e.g. my-org/my-model")
 
