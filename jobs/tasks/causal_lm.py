@@ -2,8 +2,9 @@
 
     graft finetune model=tiny_llama data=jsonl data.task=instruction data.path=sft.jsonl
 
-data.task=instruction: the prompt (through the tokenizer's chat template when it has
-one) is masked out of the loss, so only response tokens train. data.task=text: every
+data.task=instruction: the prompt is masked out of the loss, so only response tokens
+train; with a chat template, the whole exchange is rendered through it and the
+assistant turn (as the template writes it, end-of-turn included) is what trains. data.task=text: every
 paragraph, separated by EOS, packed into blocks of data.max_length. Evaluation sums the
 loss and the token accuracy over target tokens.
 """
@@ -26,9 +27,45 @@ def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return _ids(ids)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+
+
+def _ids(encoded: Any) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _conversation(
+    tokenizer: Any, prompt: str, response: str, eos: list[int]
+) -> tuple[list[int], list[int]]:
+    """(input ids, targets) of one exchange, the prompt masked out. With a chat template
+    the whole conversation goes through it, so the model trains on the assistant turn
+    exactly as the template writes it (its end-of-turn token included) and as
+    ``graft chat``/``predict`` will prompt it: the template's own assistant mask where
+    it marks one (``{% generation %}``), else everything after the prompt rendered with
+    the generation prompt. Without a template: prompt, newline, response, EOS."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        if "{% generation %}" in template or "{%- generation %}" in template:
+            out = tokenizer.apply_chat_template(
+                turns, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            ids = list(out["input_ids"])
+            mask = list(out["assistant_masks"])
+            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        head = _prompt_ids(tokenizer, prompt)
+        whole = _ids(tokenizer.apply_chat_template(turns, tokenize=True))
+        if whole[: len(head)] == head and len(whole) > len(head):
+            return whole, [IGNORE_INDEX] * len(head) + whole[len(head) :]
+        # a template that renders the prompt differently once answered: the prompt as
+        # the model is asked, then the response
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        return head + response_ids, [IGNORE_INDEX] * len(head) + response_ids
+    head = _prompt_ids(tokenizer, prompt)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+    return head + response_ids, [IGNORE_INDEX] * len(head) + response_ids
 
 
 class CausalLM:
@@ -60,10 +97,8 @@ class CausalLM:
         if data.task == "instruction":
             out = []
             for r in records:
-                prompt = _prompt_ids(tokenizer, r["prompt"])
-                response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos
-                ids = (prompt + response)[:n]
-                target = ([IGNORE_INDEX] * len(prompt) + response)[:n]
+                ids, target = _conversation(tokenizer, r["prompt"], r["response"], eos)
+                ids, target = ids[:n], target[:n]
                 # Keep only examples with a response token left after truncation.
                 if any(t != IGNORE_INDEX for t in target[1:]):
                     out.append({"input_ids": ids, "labels": target})

@@ -112,3 +112,41 @@ def test_stdlib_docs_is_a_real_multiclass_set() -> None:
     labels = {e["label"] for e in examples}
     assert labels == set(stdlib_docs.AREAS) and len(examples) > 1000
     assert len({e["text"] for e in examples}) == len(examples)
+
+
+# A ChatML-like template (as SmolLM2's), and the same with the assistant turn marked.
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHATML_MARKED = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [CHATML, CHATML_MARKED], ids=["prefix", "generation-mask"])
+def test_instruction_targets_are_the_assistant_turn_as_the_chat_template_writes_it(
+    template: str,
+) -> None:
+    """What trains is the reply plus the template's end of turn, after exactly the
+    prompt that inference (the generation prompt) will give the model."""
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = template
+    cfg = DataConfig(name="t", source="file", path="x", task="instruction", max_length=256)
+    (example,) = data.encode(
+        [{"prompt": "color of a lime?", "response": "green"}], tokenizer, cfg, None
+    )
+    ids, targets = example["input_ids"], example["labels"]
+    asked = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "color of a lime?"}], add_generation_prompt=True, tokenize=True
+    )
+    asked = list(asked["input_ids"] if hasattr(asked, "keys") else asked)
+    trained = [t for t in targets if t != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "green<|end|>" + ("\n" if template == CHATML else "")
+    # the masked part is the prompt exactly as the model is asked at inference
+    first = next(i for i, t in enumerate(targets) if t != IGNORE_INDEX)
+    assert ids[:first] == asked
+    assert ids[first : first + len(trained)] == trained
