@@ -70,6 +70,9 @@ class Summary:
     run_dir: Path
     metrics: dict[str, Any]
     export_dir: Path | None
+    # What the run's workers reported to Ray at its end (trainer.fit()'s Result), for the
+    # run a gang finished last; {} for the others and for a gang that stopped early.
+    reported: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def debug_knobs() -> dict[str, Any]:
@@ -309,6 +312,7 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
         _create(cfg, run_dir)
     total = sum(cfg.train.max_steps for cfg, _ in prepared)
     preempted_at: dict[Path, int] = {}
+    reported: dict[Path, dict[str, Any]] = {}
     todo = list(prepared)
     with preempt.on_driver_sigterm([d for _, d in prepared]) as driver:
         while todo:
@@ -323,10 +327,16 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
                 enabled=show_progress and len(prepared) == 1,
             ):
                 try:
-                    trainer.fit()
+                    result = trainer.fit()
                 except Exception as e:
                     raise _failed(e, todo, session) from e
-            todo = [(c, d) for c, d in todo if _last_event(d) != "end"]
+            # The gang's last report is the final one of the last run it trained: it
+            # reaches the driver through Ray, also from a cluster that shares no storage
+            # with it (where metrics.jsonl is not readable here).
+            metrics = dict(getattr(result, "metrics", None) or {})
+            if metrics.get("final") == 1:
+                reported[todo[-1][1]] = metrics
+            todo = [(c, d) for c, d in todo if _last_event(d) != "end" and d not in reported]
             if driver["signalled"] and todo:
                 _exit_preempted(todo)
             for _, run_dir in todo:  # a worker's SIGTERM: it checkpointed; a fresh gang goes on
@@ -344,6 +354,10 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
     for cfg, run_dir in prepared:
         records = runlog.read(run_dir)
         final: dict[str, Any] = next((r for r in reversed(records) if r.get("event") == "end"), {})
+        if not final and run_dir in reported:  # no shared storage: Ray's copy of the result
+            final = {
+                k: v for k, v in reported[run_dir].items() if k not in ("final", "evals", "step")
+            }
         export_dir = run_dir / "export" if cfg.run.export else None
         print(
             f"graft: done in {time.time() - started:.0f}s ({cfg.run.name}): "
@@ -355,7 +369,14 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
         )
         if export_dir:
             print(f"graft: exported to {export_dir}")
-        summaries.append(Summary(run_dir=run_dir, metrics=final, export_dir=export_dir))
+        summaries.append(
+            Summary(
+                run_dir=run_dir,
+                metrics=final,
+                export_dir=export_dir,
+                reported=reported.get(run_dir, {}),
+            )
+        )
     return summaries
 
 

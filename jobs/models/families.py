@@ -178,12 +178,111 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(hf_config: Any) -> Family:
+    """The architecture's family: a written entry above, else one derived from what
+    transformers and peft know of it (``derive``), else a clear error."""
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in FAMILIES:
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type not in _DERIVED:
+        _DERIVED[model_type] = derive(hf_config)
+    family = _DERIVED[model_type]
+    if family is None:
         raise ValueError(
-            f"model: architecture {model_type!r} is not supported yet; supported: {', '.join(sorted(FAMILIES))}"
+            f"model: architecture {model_type!r} is not supported yet: transformers gives no "
+            "single list of blocks for it (_no_split_modules); supported: "
+            f"{', '.join(sorted(FAMILIES))} and single-stack decoders / encoders like them"
         )
-    return FAMILIES[model_type]
+    return family
+
+
+_DERIVED: dict[Any, Family | None] = {}
+
+
+def derive(hf_config: Any) -> Family | None:
+    """A family from the model's own metadata, for a single-stack decoder (Gemma, Phi,
+    Qwen, ...) or encoder (DeBERTa, ModernBERT, ...) without an entry: the task model
+    built on the meta device (no memory, no weights); its blocks are the one ModuleList
+    of the layer class transformers will not split (``_no_split_modules``), its
+    embeddings the input embedding (or the ``...Embeddings`` module holding it), its
+    heads every top-level module beside the base model (plus the base's pooler), its
+    LoRA targets peft's defaults for the type, else every linear layer in a block.
+    None where that does not describe the model (encoder-decoders, vision, several
+    block lists)."""
+    import torch
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    model_type = hf_config.model_type
+    if getattr(hf_config, "is_encoder_decoder", False):
+        return None
+    causal = model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    mapping = (
+        modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if causal
+        else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    )
+    model_class = getattr(transformers, str(mapping.get(model_type, "")), None)
+    if model_class is None:
+        return None
+    try:
+        with torch.device("meta"):
+            model = model_class._from_config(hf_config)
+    except Exception:  # an architecture transformers cannot build from this config
+        return None
+    unsplit = set(getattr(model, "_no_split_modules", None) or ())
+    module_lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module)
+    ]
+    lists = [(n, m) for n, m in module_lists if type(m[0]).__name__ in unsplit]
+    if not lists:  # no metadata: the one list as long as the config's layer count
+        depth = getattr(hf_config, "num_hidden_layers", None)
+        lists = [(n, m) for n, m in module_lists if len(m) == depth]
+    if len(lists) != 1:
+        return None
+    blocks, layers = lists[0]
+    names = {id(m): n for n, m in model.named_modules()}
+    found = names.get(id(model.get_input_embeddings()))
+    if found is None:
+        return None
+    parent = found.rpartition(".")[0]
+    if parent and type(model.get_submodule(parent)).__name__.endswith("Embeddings"):
+        found = parent
+    embeddings = [found]
+    # and what the blocks' parent holds before them (GPT-2's position embedding, a
+    # norm of the embeddings); what it holds after them (a final norm) is "other"
+    stack, _, _ = blocks.rpartition(".")
+    for name, child in model.get_submodule(stack).named_children() if stack else ():
+        if name == blocks.rpartition(".")[2]:
+            break
+        path = f"{stack}.{name}"
+        if any(True for _ in child.parameters()) and not path.startswith(found):
+            embeddings.append(path)
+    base = model.base_model_prefix
+    heads = [n for n, _ in model.named_children() if n != base]
+    if getattr(getattr(model, base, None), "pooler", None) is not None:
+        heads.append(f"{base}.pooler")
+    if causal:
+        heads.append("score")  # the same decoder as a sequence classifier
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type) or sorted(
+        {
+            n.rpartition(".")[2]
+            for n, m in layers[0].named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+    )
+    count = len(layers)
+    return Family(
+        blocks=(blocks,),
+        embeddings=tuple(embeddings),
+        heads=tuple(dict.fromkeys(heads)),
+        lora_targets=tuple(targets),
+        causal_lm=causal,
+        count=None if hasattr(hf_config, "num_hidden_layers") else (lambda config: count),
+    )
 
 
 @dataclass(frozen=True)

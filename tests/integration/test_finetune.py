@@ -234,10 +234,12 @@ def gang(
         name: compose(runs[name] + [f"run.output_dir={out}", f"run.name={name}"]) for name in order
     }
     summaries = run_many([cfgs[name] for name in order], show_progress=False)
-    return {
+    out_runs: dict[str, Any] = {
         name: (cfgs[name], runlog.read(s.run_dir), s.run_dir)
         for name, s in zip(order, summaries, strict=True)
     }
+    out_runs["_reported"] = [(name, s.reported) for name, s in zip(order, summaries, strict=True)]
+    return out_runs
 
 
 def _losses(records: list[dict[str, Any]]) -> dict[int, float]:
@@ -292,6 +294,18 @@ def test_loss_falls_and_the_export_reproduces_the_final_eval(
     assert score_export(run_dir / "export", cfg) == pytest.approx(end["eval_loss"], rel=1e-4)
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_the_driver_gets_the_last_runs_result_through_ray(gang: dict[str, Any]) -> None:
+    """trainer.fit()'s Result carries the final metrics of the run the gang trained last
+    (what a driver without shared storage summarises from); they are the end record's."""
+    reported = gang["_reported"]
+    assert [bool(r) for _, r in reported] == [False] * (len(reported) - 1) + [True]
+    name, result = reported[-1]
+    end = _event(gang[name][1], "end")
+    assert result["final"] == 1 and result["step"] == end["step"]
+    for key in ("eval_loss", "eval_accuracy", "trainable_params"):
+        assert result[key] == pytest.approx(end[key]), key
 
 
 def test_early_stopping_stops_all_workers_and_exports_the_best(gang: dict[str, Any]) -> None:

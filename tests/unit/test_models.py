@@ -37,9 +37,10 @@ def test_unsupported_architecture_and_missing_paths_are_clear_errors(tmp_path) -
         resolve_source(ModelConfig(name="m", path=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="model.package"):
         resolve_source(ModelConfig(name="m", package="no_such_weights_package"))
-    gpt2 = hf_config(ModelConfig(name="g", arch={"model_type": "gpt2", "n_layer": 2}))
+    # an encoder-decoder without a written family: no single block list to derive
+    pegasus = hf_config(ModelConfig(name="p", arch={"model_type": "pegasus"}))
     with pytest.raises(ValueError, match="not supported yet"):
-        Layout.of(gpt2)
+        Layout.of(pegasus)
 
 
 @pytest.mark.parametrize(
@@ -165,3 +166,79 @@ def test_encoder_decoder_parameters_are_placed_by_name(model_type: str) -> None:
     if model_type == "t5":
         assert layout.locate("encoder.final_layer_norm.weight") == Location("block", 1)
         assert layout.locate("decoder.final_layer_norm.weight") == Location("other")
+
+
+# Architectures without a written family: derived from transformers' and peft's metadata.
+DERIVED = {
+    "gemma": {"num_key_value_heads": 1, "head_dim": 16},
+    "phi3": {"pad_token_id": 0},
+    "gpt2": {"n_layer": 3, "n_embd": 32, "n_head": 2, "n_positions": 64},
+    "deberta-v2": {},
+    "modernbert": {
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "cls_token_id": 1,
+        "sep_token_id": 2,
+    },
+}
+_DERIVED_EMBEDDINGS = {
+    "gemma": "model.embed_tokens",
+    "phi3": "model.embed_tokens",
+    "gpt2": "transformer.wte",
+    "deberta-v2": "deberta.embeddings",
+    "modernbert": "model.embeddings",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(DERIVED))
+def test_a_family_is_derived_from_the_models_own_metadata(model_type: str) -> None:
+    """Gemma, Phi-3, GPT-2, DeBERTa-v2, ModernBERT have no written entry: every parameter
+    of a tiny model still lands in its block, the embeddings, the head or the rest, and
+    LoRA's default targets are modules of the model that peft can wrap."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from jobs.models.families import FAMILIES
+
+    assert model_type not in FAMILIES
+    arch = {
+        "model_type": model_type,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "vocab_size": 300,
+        **DERIVED[model_type],
+    }
+    config = hf_config(ModelConfig(name="d", arch=arch))
+    layout = Layout.of(config)
+    causal = layout.family.causal_lm
+    config.num_labels = 3
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_config(config)
+    (path,) = layout.family.blocks
+    assert layout.num_blocks == len(model.get_submodule(path)) == 3
+    assert _DERIVED_EMBEDDINGS[model_type] in layout.family.embeddings
+    seen, kinds = set(), set()
+    for name, _ in model.named_parameters():
+        where = layout.locate(name)
+        kinds.add(where.kind)
+        if name.startswith(path + "."):
+            assert where == Location("block", int(name[len(path) + 1 :].split(".")[0])), name
+            seen.add(where.block)
+        elif name.startswith(_DERIVED_EMBEDDINGS[model_type] + "."):
+            assert where.kind == "embeddings", name
+    assert seen == {0, 1, 2} and "embeddings" in kinds
+    # (a causal LM whose head is tied to the embeddings has no head parameter of its own)
+    assert "head" in kinds or getattr(config, "tie_word_embeddings", False)
+    lora = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=2,
+            target_modules=list(layout.family.lora_targets),
+            task_type="CAUSAL_LM" if causal else "SEQ_CLS",
+        ),
+    )
+    adapted = {layout.locate(n).block for n, p in lora.named_parameters() if "lora_" in n}
+    assert adapted == {0, 1, 2}
