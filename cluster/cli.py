@@ -122,9 +122,12 @@ def finetune(
         bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress bar.")] = False,
+    info: Annotated[
+        bool, typer.Option("--info", help="Hydra's view: search path, group options; exit.")
+    ] = False,
 ) -> None:
     """Fine-tune a model: an embedded local Ray by default, or cluster.address=... ."""
-    _run("finetune", overrides, show_config=cfg, quiet=quiet)
+    _run("finetune", overrides, show_config=cfg, quiet=quiet, info=info)
 
 
 @app.command()
@@ -134,10 +137,13 @@ def sweep(
         bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress lines.")] = False,
+    info: Annotated[
+        bool, typer.Option("--info", help="Hydra's view: search path, group options; exit.")
+    ] = False,
 ) -> None:
     """Sweep the transfer space with Optuna on Ray Tune (conf/sweep.yaml, conf/sweep/).
     Rerunning the same command resumes the sweep."""
-    _run("sweep", overrides, show_config=cfg, quiet=quiet)
+    _run("sweep", overrides, show_config=cfg, quiet=quiet, info=info)
 
 
 @app.command("eval")
@@ -202,11 +208,22 @@ def eval_(
         zeroshot.run(config, kind)
 
 
-def _run(kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bool) -> None:
-    """`graft finetune|sweep`: compose, print (--cfg) or run here; errors exit 2."""
+def _run(
+    kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bool, info: bool = False
+) -> None:
+    """`graft finetune|sweep`: compose, print (--cfg, --info) or run here; errors exit 2."""
     from conf.schema import ConfigError
+    from jobs.config import info as hydra_info
     from jobs.config import to_yaml
     from jobs.finetune import RunFailed
+
+    if info:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        with exits(HydraException, OmegaConfBaseException, ValueError, label="config error"):
+            typer.echo(hydra_info(overrides or [], config_name=kind))
+        return
 
     config = _compose(overrides, kind)
     if show_config:

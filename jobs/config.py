@@ -35,6 +35,29 @@ def compose(overrides: Sequence[str] = (), config_name: str = "finetune") -> Fin
         return to_plain(node)
 
 
+def info(overrides: Sequence[str] = (), config_name: str = "finetune") -> str:
+    """What Hydra's ``--info`` tells: where configs are searched, the option each group
+    resolved to (the defaults list after the overrides), and the overrides applied."""
+    check_override_keys(overrides)
+    with tempfile.TemporaryDirectory(prefix="graft-experiment-") as tmp:
+        resolved = _experiment_overrides(overrides, Path(tmp))
+        with initialize_config_module(version_base=None, config_module="conf"):
+            node = hydra_compose(
+                config_name=config_name, overrides=resolved, return_hydra_config=True
+            )
+    runtime = node.hydra.runtime
+    lines = [f"Config: {config_name}.yaml", "Config search path:"]
+    for source in runtime.config_sources:
+        lines.append(f"  {source.provider:<14} {source.schema}://{source.path}")
+    lines.append("Groups (the defaults list, after the overrides):")
+    for group, option in sorted(runtime.choices.items()):
+        if not str(group).startswith("hydra"):
+            lines.append(f"  {group}={option}")
+    lines.append("Overrides:" + ("" if overrides else " (none)"))
+    lines += [f"  {o}" for o in overrides]
+    return "\n".join(lines)
+
+
 def _leaf_type(hint: Any) -> tuple[Any, bool]:
     """(the type inside Optional[...], whether None is allowed)."""
     args = typing.get_args(hint)

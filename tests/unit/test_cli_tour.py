@@ -145,3 +145,15 @@ def test_push_checks_everything_it_can_before_the_network(tmp_path: Path) -> Non
         HF_ENDPOINT=f"http://127.0.0.1:{port}",
     )
     assert code == 2 and "could not reach the Hub" in out and "Traceback" not in out
+
+
+def test_info_shows_hydras_search_path_and_the_options_each_group_took() -> None:
+    result = runner.invoke(app, ["finetune", "--info", "strategy=lora", "deepspeed=zero3"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "pkg://conf" in out and "strategy=lora" in out and "deepspeed=zero3" in out
+    assert "model=minilm" in out  # a default the user did not override
+    sweep = runner.invoke(app, ["sweep", "--info"])
+    assert sweep.exit_code == 0 and "Config: sweep.yaml" in sweep.output
+    typo = runner.invoke(app, ["finetune", "--info", "train.lrr=1"])
+    assert typo.exit_code == 2 and "train.lr" in typo.output
