@@ -47,7 +47,8 @@ PROGRESSIVE_BASES = ("freeze_depth", "lora")
 LORA_VARIANTS = ("lora", "dora", "rslora")
 # Loss terms added to the task loss (jobs/objectives/<name>.py).
 TERMS = ("l2sp", "dann", "distill", "ewc", "multitask")
-SCHEDULES = ("constant", "linear", "cosine")
+# transformers.get_scheduler's schedules (constant = its constant_with_warmup).
+SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 LOGGERS = ("tensorboard", "mlflow", "wandb")
 ZERO_STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16")

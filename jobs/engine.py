@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import math
+import functools
 from functools import partial
 from typing import Any
 
@@ -97,15 +97,29 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# train.schedule -> transformers' name for it.
+_HF_SCHEDULES = {"constant": "constant_with_warmup"}
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule_lambda(name: str, warmup_steps: int, max_steps: int) -> Any:
+    """transformers.get_scheduler's own lr multiplier for the schedule (warmup from 0,
+    then the decay over ``max_steps``), taken off a scheduler built on a throwaway
+    optimizer: graft composes it with phases and re-warmups (``_phase_factor``)."""
+    from transformers import get_scheduler
+
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    built = get_scheduler(
+        _HF_SCHEDULES.get(name, name),
+        probe,
+        num_warmup_steps=warmup_steps,
+        num_training_steps=max_steps,
+    )
+    return built.lr_lambdas[0]
+
+
 def _lr_factor(step: int, *, train: TrainConfig) -> float:
-    if step < train.warmup_steps:
-        return (step + 1) / (train.warmup_steps + 1)
-    progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
-    if train.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    if train.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
+    return float(_schedule_lambda(train.schedule, train.warmup_steps, train.max_steps)(step))
 
 
 def optimizer(groups: list[dict[str, Any]], train: TrainConfig) -> torch.optim.Optimizer:

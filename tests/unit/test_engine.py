@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conf.schema import DeepSpeedConfig, TrainConfig
+from conf.schema import SCHEDULES, DeepSpeedConfig, TrainConfig
 from jobs import engine
 
 
@@ -37,7 +37,7 @@ def test_offload_and_stage3_settings() -> None:
     assert zero["stage3_param_persistence_threshold"] == 40960
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_schedule_warms_up_then_decays_keeping_group_ratios(schedule: str) -> None:
     train = TrainConfig(max_steps=20, warmup_steps=4, schedule=schedule, lr=1.0)
     w = torch.nn.Parameter(torch.zeros(1))
@@ -57,8 +57,24 @@ def test_schedule_warms_up_then_decays_keeping_group_ratios(schedule: str) -> No
         opt.step()
         sched.step()
     assert seen[0] < seen[3] < seen[4] + 1e-9  # warmup rises
-    if schedule != "constant":
+    if schedule not in ("constant", "inverse_sqrt", "cosine_with_restarts"):
         assert seen[-1] < 0.15 * seen[4]
+    # step for step what transformers.get_scheduler gives a plain optimizer
+    from transformers import get_scheduler
+
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_scheduler(
+        "constant_with_warmup" if schedule == "constant" else schedule,
+        plain,
+        num_warmup_steps=4,
+        num_training_steps=20,
+    )
+    expected = []
+    for _ in range(20):
+        expected.append(hf.get_last_lr()[0])
+        plain.step()
+        hf.step()
+    assert seen == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_lean_deepspeed_skips_the_shared_memory_op_training_never_calls() -> None:
