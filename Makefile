@@ -11,7 +11,7 @@ export GRAFT_CACHE ?= $(CURDIR)/.cache/graft
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install install-models install-browser demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot lock clean
+.PHONY: install install-models install-browser demo test test-all lint bench bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot bench-token-cache lock clean
 
 install: $(STAMP)
 
@@ -54,7 +54,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 # Each writes runs/bench/<name>.json and <name>.md; ~1 h in all on 2 cores.
-bench: bench-transfer bench-overhead bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot
+bench: bench-transfer bench-overhead bench-token-cache bench-memory bench-pruning bench-dann bench-distill bench-forgetting bench-vision bench-zeroshot
 
 # Two real tasks: WordNet supersenses (+ SmolLM2 LoRA) and stdlib docstrings by area.
 bench-transfer: install-models
@@ -63,6 +63,10 @@ bench-transfer: install-models
 
 bench-overhead: install
 	$(PY) tests/benchmarks/bench_overhead.py
+
+# What the tokenised-data cache saves per worker start (MiniLM / SmolLM2 on WordNet).
+bench-token-cache: install-models
+	$(PY) tests/benchmarks/bench_token_cache.py
 
 bench-memory: install
 	$(PY) tests/benchmarks/bench_memory.py

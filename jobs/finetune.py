@@ -367,6 +367,7 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
                 if isinstance(v, float) and k not in runlog.BOOKKEEPING
             )
         )
+        _confusion_summary(final, run_dir)
         if export_dir:
             print(f"graft: exported to {export_dir}")
         summaries.append(
@@ -378,6 +379,32 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
             )
         )
     return summaries
+
+
+def _confusion_summary(final: dict[str, Any], run_dir: Path) -> None:
+    """A classifier's per-class precision/recall on its test split (else validation),
+    printed, and its confusion matrix as ``confusion_<split>.png`` in the run directory."""
+    from jobs import report
+
+    found = report.confusion_of(final)
+    if found is None:
+        return
+    split, matrix, labels = found
+    name = "test" if split == "test" else "validation"
+    rows = report.per_class(matrix, labels)
+    print(
+        f"graft: per class ({name}): "
+        + ", ".join(
+            f"{label} P={r['precision']:.2f} R={r['recall']:.2f} n={r['support']}"
+            for label, r in rows.items()
+        )
+    )
+    try:
+        path = run_dir / f"confusion_{split}.png"
+        report.plot_confusion(matrix, labels, f"{run_dir.name}: {name} split", path)
+        print(f"graft: confusion matrix -> {path}")
+    except OSError as e:  # a driver without the run directory's storage
+        print(f"graft: confusion matrix not written ({e})")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -180,6 +180,52 @@ def optuna_plot(study: Any, name: str, path: Path, **kwargs: Any) -> Path:
     return page
 
 
+def plot_confusion(matrix: list[list[int]], labels: list[str], title: str, path: Path) -> None:
+    """A confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    plt = _plt()
+    k = len(labels)
+    side = min(12.0, 2.5 + 0.45 * k)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=7 if k > 12 else 9)
+    ax.set_yticks(range(k), labels, fontsize=7 if k > 12 else 9)
+    top = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            if n:
+                color = "white" if n > top / 2 else "black"
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color=color)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def per_class(matrix: list[list[int]], labels: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall and support of each label from a confusion matrix."""
+    out = {}
+    for i, name in enumerate(labels):
+        predicted = sum(row[i] for row in matrix)
+        actual = sum(matrix[i])
+        out[name] = {
+            "precision": matrix[i][i] / predicted if predicted else 0.0,
+            "recall": matrix[i][i] / actual if actual else 0.0,
+            "support": actual,
+        }
+    return out
+
+
+def confusion_of(end: dict[str, Any]) -> tuple[str, list[list[int]], list[str]] | None:
+    """(split, matrix, labels) of a classification run's end record: the test split's
+    when there is one, else validation's."""
+    labels = end.get("labels")
+    for split in ("test", "eval"):
+        matrix = end.get(f"{split}_confusion")
+        if labels and matrix:
+            return split, matrix, list(labels)
+    return None
+
+
 def plot_baselines(
     best: float, baselines: dict[str, float], metric: str, title: str, path: Path
 ) -> None:
@@ -309,6 +355,21 @@ def write_report(sweep_dir: Path, storage: str | None = None) -> Path:
             "NEGATIVE TRANSFER" if summary.get("negative_transfer") else "Transfer vs baselines",
         )
 
+    if best:
+        row = next((r for r in rows if r.number == best["number"] and r.run_dir), None)
+        where = (summary.get("retrained") or {}).get("run_dir") or (row.run_dir if row else None)
+        end = None
+        if where:
+            records = runlog.read(Path(str(where)))
+            end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+        found = confusion_of(end) if end else None
+        if found:
+            split, matrix, labels = found
+            which = "retrained best" if summary.get("retrained") else f"best trial {best['number']}"
+            title = (
+                f"Confusion matrix: {which}, {'test' if split == 'test' else 'validation'} split"
+            )
+            plot("confusion.png", title, plot_confusion, matrix, labels, title)
     best_yaml = None
     if best:
         cfg = load_config(sweep_dir)

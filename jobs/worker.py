@@ -1076,6 +1076,8 @@ def finish(run: Run, current: PhaseEngine, state: State) -> None:
             "stopped_early": state.stopped_early,
             "best_step": state.best_step,
             "phase": state.phase,
+            # the confusion matrices' row/column names (classification)
+            **({"labels": list(run.dataset.labels)} if run.dataset.labels else {}),
             **final,
         }
     )

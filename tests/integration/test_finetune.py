@@ -324,6 +324,9 @@ def test_classification_head_learns_and_exports_with_its_labels(gang: dict[str, 
     end = _event(records, "end")
     assert end["eval_accuracy"] >= 0.9
     assert end["eval_macro_f1"] >= 0.9 and sum(map(sum, end["eval_confusion"])) == 48
+    # the driver's summary: the matrix as a PNG beside the run's metrics
+    assert end["labels"] == ["neg", "pos"]
+    assert (run_dir / "confusion_eval.png").read_bytes().startswith(b"\x89PNG")
     export_dir = run_dir / "export"
     model = AutoModelForSequenceClassification.from_pretrained(export_dir)
     assert model.config.id2label == {0: "neg", 1: "pos"}

@@ -358,6 +358,8 @@ def _fake_sweep(data_dir: Path, tmp_path: Path, objectives: str) -> Path:
                 "forgotten": 0.125 * (i + 1),
                 "eval_accuracy/topic": 0.5 + 0.25 * i,  # (a multi-task run's)
                 "eval_accuracy/mean": 0.625,
+                "labels": ["neg", "pos"],
+                "test_confusion": [[5 - i, 1 + i], [0, 6]],
             }
             (run_dir / "metrics.jsonl").write_text(json.dumps(end) + "\n")
             trial.set_user_attr("run_dir", str(run_dir))
@@ -412,7 +414,15 @@ def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> N
     assert "| forgotten | eval_accuracy/topic | eval_accuracy/mean |" in header
     row = next(line for line in md.splitlines() if line.startswith("| 1 "))
     assert "| 0.25 | 0.75 | 0.625 |" in row
-    for name in ("history", "curves", "slices", "parallel", "importances", "baselines"):
+    for name in (
+        "history",
+        "curves",
+        "slices",
+        "parallel",
+        "importances",
+        "baselines",
+        "confusion",
+    ):
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, name
         assert f"{name}.png" in md and f"{name}.png" in page
@@ -431,6 +441,22 @@ def test_report_files_plots_and_best_config(data_dir: Path, tmp_path: Path) -> N
     # Not retrained: the trial's length, but a run as the user asked for one (the trials
     # skipped the evaluation before training).
     assert rerun.train.eval_at_start and rerun.train.max_steps == 12
+
+
+def test_per_class_precision_recall_from_a_confusion_matrix() -> None:
+    from jobs.report import confusion_of, per_class
+
+    end = {
+        "labels": ["a", "b"],
+        "eval_confusion": [[3, 1], [2, 4]],
+        "test_confusion": [[5, 0], [1, 4]],
+    }
+    split, matrix, labels = confusion_of(end)  # type: ignore[misc]
+    assert split == "test" and labels == ["a", "b"]
+    rows = per_class(matrix, labels)
+    assert rows["a"] == {"precision": 5 / 6, "recall": 1.0, "support": 5}
+    assert rows["b"] == {"precision": 1.0, "recall": 0.8, "support": 5}
+    assert confusion_of({"eval_loss": 1.0}) is None
 
 
 def test_report_pareto_front_and_negative_transfer(data_dir: Path, tmp_path: Path) -> None:
