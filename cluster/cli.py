@@ -151,8 +151,9 @@ def eval_(
     kind: Annotated[
         str,
         typer.Argument(
+            metavar="zero_shot|few_shot|RUN",
             help="zero_shot or few_shot (the pretrained model, no training), or a run "
-            "directory runs/<run> (its export, on --data)."
+            "directory runs/<run> (its export, on --data).",
         ),
     ],
     overrides: Overrides = None,
@@ -701,7 +702,14 @@ def _client(address: str | None, token_file: str | None):  # type: ignore[no-unt
 
 @app.command()
 def submit(
-    kind: Annotated[str, typer.Argument(help="finetune or sweep.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            metavar="finetune|sweep",
+            help="What to run: finetune or sweep.",
+            autocompletion=lambda incomplete: [k for k in JOBS if k.startswith(incomplete)],
+        ),
+    ],
     overrides: Overrides = None,
     address: Address = None,
     token_file: TokenFile = None,
@@ -842,7 +850,14 @@ app.add_typer(k8s_app, name="k8s")
 
 @k8s_app.command("render")
 def k8s_render(
-    kind: Annotated[str, typer.Argument(help="finetune or sweep.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            metavar="finetune|sweep",
+            help="What to run: finetune or sweep.",
+            autocompletion=lambda incomplete: [k for k in JOBS if k.startswith(incomplete)],
+        ),
+    ],
     overrides: Overrides = None,
     image: Annotated[
         str, typer.Option(help="The training image (k8s/Dockerfile).")

@@ -106,6 +106,9 @@ def test_shell_completion_offers_commands_choices_and_config_options() -> None:
     assert complete("graft dashboard --kind ") == ["auto", "optuna", "tensorboard"]
     assert complete("graft finetune strategy=l") == ["strategy=lora"]
     assert "+experiment=" in complete("graft finetune +exp")
+    assert complete("graft submit sw") == ["sweep"]
+    # and the help shows the choices of a kind-like argument
+    assert "{finetune|sweep}" in runner.invoke(app, ["submit", "--help"]).output
     script = runner.invoke(app, ["--show-completion", "bash"])
     assert script.exit_code == 0 and "_GRAFT_COMPLETE=complete_bash" in script.output
 
