@@ -159,9 +159,23 @@ class _PoolReport:
 
 
 def _train_report(metrics: dict[str, Any], *, final: bool = False) -> None:
+    """Metrics to Ray. The final one goes with a one-file checkpoint from rank 0: Ray
+    Train's Result carries the metrics of its latest checkpoint, so this is how the
+    driver gets the run's result through Ray (and its storage), also where it cannot
+    read the run directory. graft resumes from its own checkpoints, never from Ray's."""
+    import tempfile
+
     import ray.train
 
-    ray.train.report(metrics)
+    if not final:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="graft-result-") as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            (Path(tmp) / "result.json").write_text(json.dumps(metrics, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def _quiet() -> None:
