@@ -81,6 +81,17 @@ Overrides = Annotated[
 JOBS = {"finetune": "jobs.finetune", "sweep": "jobs.sweep"}
 
 
+# `graft submit|k8s render KIND`: which job, its choices in help and completion.
+JobKind = Annotated[
+    str,
+    typer.Argument(
+        metavar="finetune|sweep",
+        help="What to run: finetune or sweep.",
+        autocompletion=lambda incomplete: [k for k in JOBS if k.startswith(incomplete)],
+    ),
+]
+
+
 @contextmanager
 def exits(*errors: type[BaseException], label: str = "error", code: int = 2) -> Iterator[None]:
     """One user-facing error line on stderr and exit ``code`` (2: bad input) for the
@@ -702,14 +713,7 @@ def _client(address: str | None, token_file: str | None):  # type: ignore[no-unt
 
 @app.command()
 def submit(
-    kind: Annotated[
-        str,
-        typer.Argument(
-            metavar="finetune|sweep",
-            help="What to run: finetune or sweep.",
-            autocompletion=lambda incomplete: [k for k in JOBS if k.startswith(incomplete)],
-        ),
-    ],
+    kind: JobKind,
     overrides: Overrides = None,
     address: Address = None,
     token_file: TokenFile = None,
@@ -850,14 +854,7 @@ app.add_typer(k8s_app, name="k8s")
 
 @k8s_app.command("render")
 def k8s_render(
-    kind: Annotated[
-        str,
-        typer.Argument(
-            metavar="finetune|sweep",
-            help="What to run: finetune or sweep.",
-            autocompletion=lambda incomplete: [k for k in JOBS if k.startswith(incomplete)],
-        ),
-    ],
+    kind: JobKind,
     overrides: Overrides = None,
     image: Annotated[
         str, typer.Option(help="The training image (k8s/Dockerfile).")

@@ -88,13 +88,17 @@ def test_bad_hf_data_is_named(
     assert e.value.key == key
 
 
+def _cached_setup(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A fresh cache directory, the classification data, its task and a byte tokenizer."""
+    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
+    cfg = DataConfig(name="t", source="file", path=str(data_dir / "cls.jsonl"), max_length=16)
+    return cfg, data.load(cfg), tasks.for_data(cfg), byte_tokenizer()
+
+
 def test_the_token_cache_hits_on_the_same_input_and_misses_on_any_change(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
-    cfg = DataConfig(name="t", source="file", path=str(data_dir / "cls.jsonl"), max_length=16)
-    loaded = data.load(cfg)
-    task, tokenizer = tasks.for_data(cfg), byte_tokenizer()
+    cfg, loaded, task, tokenizer = _cached_setup(data_dir, tmp_path, monkeypatch)
     fresh = task.encode(loaded.train, tokenizer, cfg, loaded.labels)
     before = dict(cache.stats)
     first = cache.encode(task, loaded.train, tokenizer, cfg, loaded.labels)
@@ -120,10 +124,7 @@ def test_the_token_cache_hits_on_the_same_input_and_misses_on_any_change(
 def test_a_damaged_cache_entry_is_encoded_again(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GRAFT_CACHE", str(tmp_path / "cache"))
-    cfg = DataConfig(name="t", source="file", path=str(data_dir / "cls.jsonl"), max_length=16)
-    loaded = data.load(cfg)
-    task, tokenizer = tasks.for_data(cfg), byte_tokenizer()
+    cfg, loaded, task, tokenizer = _cached_setup(data_dir, tmp_path, monkeypatch)
     good = cache.encode(task, loaded.train, tokenizer, cfg, loaded.labels)
     (entry,) = (tmp_path / "cache" / "tokenised").glob("*.pkl")
     entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a full disk or a kill
