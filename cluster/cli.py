@@ -1,7 +1,7 @@
 """The graft command line: thin wrappers over the library.
 
 graft finetune [hydra overrides]      e.g. graft finetune strategy=lora deepspeed=zero3
-graft finetune --cfg                  print the composed config and exit
+graft finetune --cfg [job|hydra|all]  print the composed config (or Hydra's node) and exit
 graft sweep [hydra overrides]         e.g. graft sweep sweep.num_trials=40 sweep.max_concurrent=4
 graft report runs/<sweep-name>        report.md/html, plots and best.yaml of a sweep
 graft predict runs/<run> --input FILE  the trained model on new records -> predictions.jsonl
@@ -23,9 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 app = typer.Typer(
     name="graft",
@@ -77,6 +79,37 @@ Overrides = Annotated[
 ]
 
 
+CfgOption = Annotated[
+    str | None,
+    typer.Option(
+        "--cfg",
+        metavar="[job|hydra|all]",
+        show_default=False,
+        help="Print the config and exit, as Hydra's --cfg: job (the composed, validated "
+        "config; what a bare --cfg means), hydra (Hydra's own node) or all (both).",
+    ),
+]
+
+
+class CfgCommand(TyperCommand):
+    """A command whose ``--cfg`` value may be left out, as in Hydra: a bare ``--cfg``
+    (last, or before an override) means ``--cfg job``. Click has optional option values
+    but Typer does not pass them on, so the word is put in before parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from jobs.config import CFG_PARTS
+
+        given, out = list(args), []
+        for i, arg in enumerate(given):
+            if arg == "--":
+                out += given[i:]
+                break
+            out.append(arg)
+            if arg == "--cfg" and (i + 1 == len(given) or given[i + 1] not in CFG_PARTS):
+                out.append("job")
+        return super().parse_args(ctx, out)
+
+
 # The jobs `graft finetune|sweep|submit|k8s render` run: kind -> module with run(cfg).
 JOBS = {"finetune": "jobs.finetune", "sweep": "jobs.sweep"}
 
@@ -126,12 +159,10 @@ def _compose(overrides: list[str] | None, config_name: str):  # type: ignore[no-
         return compose(overrides or [], config_name=config_name)
 
 
-@app.command()
+@app.command(cls=CfgCommand)
 def finetune(
     overrides: Overrides = None,
-    cfg: Annotated[
-        bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
-    ] = False,
+    cfg: CfgOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress bar.")] = False,
     info: Annotated[
         bool, typer.Option("--info", help="Hydra's view: search path, group options; exit.")
@@ -141,12 +172,10 @@ def finetune(
     _run("finetune", overrides, show_config=cfg, quiet=quiet, info=info)
 
 
-@app.command()
+@app.command(cls=CfgCommand)
 def sweep(
     overrides: Overrides = None,
-    cfg: Annotated[
-        bool, typer.Option("--cfg", help="Print the composed, validated config and exit.")
-    ] = False,
+    cfg: CfgOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress lines.")] = False,
     info: Annotated[
         bool, typer.Option("--info", help="Hydra's view: search path, group options; exit.")
@@ -220,26 +249,50 @@ def eval_(
         zeroshot.run(config, kind)
 
 
+def _cfg_part(show_config: str | None) -> str | None:
+    """Which part ``--cfg`` prints (None: it was not given)."""
+    from jobs.config import CFG_PARTS
+
+    if show_config is None or show_config in CFG_PARTS:
+        return show_config
+    err.print(
+        f"[red]error:[/red] --cfg {escape(show_config)!r}: takes {'|'.join(CFG_PARTS)} "
+        "(or nothing, meaning job)"
+    )
+    raise typer.Exit(2)
+
+
 def _run(
-    kind: str, overrides: list[str] | None, *, show_config: bool, quiet: bool, info: bool = False
+    kind: str,
+    overrides: list[str] | None,
+    *,
+    show_config: str | None,
+    quiet: bool,
+    info: bool = False,
 ) -> None:
     """`graft finetune|sweep`: compose, print (--cfg, --info) or run here; errors exit 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     from conf.schema import ConfigError
+    from jobs.config import hydra_yaml, to_yaml
     from jobs.config import info as hydra_info
-    from jobs.config import to_yaml
     from jobs.finetune import RunFailed
 
+    overrides = list(overrides or [])
+    part = _cfg_part(show_config)
     if info:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
         with exits(HydraException, OmegaConfBaseException, ValueError, label="config error"):
-            typer.echo(hydra_info(overrides or [], config_name=kind))
+            typer.echo(hydra_info(overrides, config_name=kind))
         return
 
     config = _compose(overrides, kind)
-    if show_config:
-        typer.echo(to_yaml(config))
+    if part is not None:
+        if part in ("job", "all"):
+            typer.echo(to_yaml(config))
+        if part in ("hydra", "all"):
+            with exits(HydraException, OmegaConfBaseException, label="config error"):
+                typer.echo(hydra_yaml(overrides, config_name=kind))
         return
     with exits(RunFailed, label="failed", code=1), exits(ConfigError, ConnectionError):
         _job(kind).run(config, show_progress=not quiet)

@@ -35,6 +35,23 @@ def compose(overrides: Sequence[str] = (), config_name: str = "finetune") -> Fin
         return to_plain(node)
 
 
+CFG_PARTS = ("job", "hydra", "all")
+
+
+def hydra_yaml(overrides: Sequence[str] = (), config_name: str = "finetune") -> str:
+    """Hydra's own ``hydra:`` node for these overrides (what ``--cfg hydra`` prints):
+    the run/sweep directories, the launcher and sweeper, the job's runtime; printed
+    unresolved, as Hydra does."""
+    check_override_keys(overrides)
+    with tempfile.TemporaryDirectory(prefix="graft-experiment-") as tmp:
+        resolved = _experiment_overrides(overrides, Path(tmp))
+        with initialize_config_module(version_base=None, config_module="conf"):
+            node = hydra_compose(
+                config_name=config_name, overrides=resolved, return_hydra_config=True
+            )
+    return OmegaConf.to_yaml(OmegaConf.masked_copy(node, ["hydra"]))
+
+
 def info(overrides: Sequence[str] = (), config_name: str = "finetune") -> str:
     """What Hydra's ``--info`` tells: where configs are searched, the option each group
     resolved to (the defaults list after the overrides), and the overrides applied."""

@@ -208,6 +208,23 @@ def test_sweep_cfg_prints_the_space() -> None:
     assert "num_trials: 40" in result.stdout and "lora_rank:" in result.stdout
 
 
+def test_cfg_takes_hydras_job_hydra_all_and_a_bare_cfg_means_job() -> None:
+    bare = _cli("finetune", "--cfg", "train.lr=0.5")  # the override stays an override
+    assert bare.exit_code == 0, bare.stderr
+    assert "  lr: 0.5" in bare.stdout and "hydra:" not in bare.stdout
+    hydra = _cli("finetune", "strategy=lora", "--cfg", "hydra")
+    assert hydra.exit_code == 0, hydra.stderr
+    assert hydra.stdout.startswith("hydra:") and "name: lora" not in hydra.stdout
+    assert "strategy=lora" in hydra.stdout  # the overrides Hydra recorded
+    both = _cli("sweep", "--cfg=all")
+    assert both.exit_code == 0, both.stderr
+    assert "num_trials:" in both.stdout and "\nhydra:" in both.stdout
+    last = _cli("finetune", "--cfg")
+    assert last.exit_code == 0 and "model:" in last.stdout, last.stderr
+    bad = _cli("finetune", "--cfg=everything")
+    assert bad.exit_code == 2 and "takes job|hydra|all" in bad.stderr
+
+
 def test_graft_eval_scores_with_no_training_and_refuses_a_template_without_label(
     tmp_path: Path, data_dir: Path
 ) -> None:
