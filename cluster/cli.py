@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -96,7 +95,7 @@ class CfgCommand(TyperCommand):
     (last, or before an override) means ``--cfg job``. Click has optional option values
     but Typer does not pass them on, so the word is put in before parsing."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         from jobs.config import CFG_PARTS
 
         given, out = list(args), []

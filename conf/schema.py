@@ -213,13 +213,14 @@ class DataConfig:
         if self.image_size is not None:
             _positive("data.image_size", self.image_size)
         if self.task != "image_classification":
-            for key, value, unset in (
+            image_only: tuple[tuple[str, object, object], ...] = (
                 ("augment", self.augment, False),
                 ("image_size", self.image_size, None),
-            ):
-                if value != unset:
+            )
+            for name, set_to, off in image_only:
+                if set_to != off:
                     raise ConfigError(
-                        f"data.{key}",
+                        f"data.{name}",
                         f"applies to images (data.task=image_classification), not data.task={self.task}",
                     )
         if self.task == "image_classification" and self.source != "file":
