@@ -274,10 +274,12 @@ def _run(
     from omegaconf.errors import OmegaConfBaseException
 
     from conf.schema import ConfigError
+    from jobs import timeline
     from jobs.config import hydra_yaml, to_yaml
     from jobs.config import info as hydra_info
     from jobs.finetune import RunFailed
 
+    timeline.COMMAND_STARTED = timeline.process_started()  # start-up counts from here
     overrides = list(overrides or [])
     part = _cfg_part(show_config)
     if info:

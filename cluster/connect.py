@@ -319,6 +319,12 @@ def reap_stale_embedded() -> list[int]:
     return stopped
 
 
+def describe(found: dict[str, Any]) -> str:
+    """The line a driver prints once connected."""
+    dashboard = found.get("dashboard") or "off (cluster.dashboard=true starts it)"
+    return f"graft: Ray at {found['address']}, dashboard {dashboard}"
+
+
 def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
     """Start or join Ray; returns {"address", "dashboard"}. Checks the workers fit first
     (embedded: before starting Ray; remote: right after connecting)."""
@@ -359,7 +365,10 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         env.update(EMBEDDED_ENV, **{DRIVER_ENV: driver_identity(os.getpid())})
         if not cluster.dashboard:
             env.update(NO_DASHBOARD_ENV)
-        os.environ.update({k: v for k, v in env.items() if k in (*EMBEDDED_ENV, *NO_DASHBOARD_ENV)})
+        # Through this process's environment, not a runtime env: the raylet and every
+        # worker it starts inherit it, so the workers Ray prestarts at init (no runtime
+        # env) can host the gang; with env_vars each gang actor waited for a new process.
+        os.environ.update(env)
         ctx = ray.init(
             # "local": always a new cluster for this process, even where `ray start`
             # left a cluster (or its address file) on this machine.
@@ -369,7 +378,6 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             dashboard_host="127.0.0.1",
             dashboard_port=cluster.dashboard_port or free_port(),
             log_to_driver=cluster.log_to_driver,
-            runtime_env={"env_vars": env},
             logging_level=logging.WARNING,
             _system_config=None if cluster.dashboard else {"enable_metrics_collection": False},
         )

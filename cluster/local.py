@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cluster.connect import enable_token_auth, free_port
+from cluster.connect import DRIVER_ENV, enable_token_auth, free_port
 
 STATE_FILE = "cluster.json"
 
@@ -156,6 +156,7 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
     # Token auth, as Ray 2.60's default; nodes and clients send the token only with
     # RAY_AUTH_MODE=token, and `ray start --head` makes no token where there is none.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop(DRIVER_ENV, None)  # (an embedded driver's identity: this cluster outlives it)
     env.setdefault("RAY_AUTH_MODE", "token")
     if env["RAY_AUTH_MODE"] == "token":
         ensure_token(env)

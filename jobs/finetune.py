@@ -26,7 +26,7 @@ from typing import Any
 
 from cluster.connect import STATE_API_ENV
 from conf.schema import ConfigError, FinetuneConfig
-from jobs import card, preempt, runlog
+from jobs import card, preempt, runlog, timeline
 from jobs import checkpoint as ckpt
 from jobs import config as config_lib
 from jobs import engine as engine_lib
@@ -105,6 +105,7 @@ def make_trainer(
     more: Sequence[tuple[FinetuneConfig, Path]] = (),
     serve: dict[str, Any] | None = None,
     session: str | None = None,
+    marks: dict[str, float] | None = None,
 ) -> Any:
     """The Ray Train gang for one run (``more``: further runs after it, same scaling):
     ``cfg.scaling.num_workers`` DeepSpeed workers. Used by ``run``/``run_many`` and by a
@@ -126,6 +127,7 @@ def make_trainer(
             "runs": [{"cfg": c, "run_dir": str(d)} for c, d in runs],
             "started": started,
             "session": session,
+            "marks": dict(marks or {}),  # the driver's start-up (jobs/timeline.py)
             "debug": debug_knobs(),
             **({"serve": serve} if serve else {}),
         },
@@ -145,7 +147,25 @@ def make_trainer(
         ),
     )
     _lean_callbacks(trainer, state_api=os.environ.get(STATE_API_ENV) != "0")
+    if cfg.cluster.address is None:
+        _no_autoscaler(trainer)
     return trainer
+
+
+def _no_autoscaler(trainer: Any) -> None:
+    """On graft's embedded cluster (fixed size, no autoscaler), the controller runs with
+    jobs.lean.NoAutoscalerScalingPolicy instead of Ray Train's FixedScalingPolicy."""
+    from jobs.lean import NoAutoscalerScalingPolicy
+
+    start = trainer._initialize_and_run_controller
+
+    def initialize_and_run(**kwargs: Any) -> Any:
+        given = kwargs.get("scaling_policy")
+        if given is not None and type(given).__name__ == "FixedScalingPolicy":
+            kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(given.scaling_config)
+        return start(**kwargs)
+
+    trainer._initialize_and_run_controller = initialize_and_run
 
 
 def _lean_callbacks(trainer: Any, *, state_api: bool) -> None:
@@ -300,14 +320,17 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
 def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> list[Summary]:
     """Fine-tune each config, one after another, in one Train gang (same scaling and
     cluster): the gang's start-up is paid once. Every config is checked before Ray."""
-    from cluster.connect import connect
+    from cluster.connect import connect, describe
     from jobs.progress import follow
 
-    started = time.time()
+    started = timeline.COMMAND_STARTED or time.time()
+    marks = timeline.Marks()
     prepared = [_prepare(cfg) for cfg in cfgs]
+    marks.mark("preflight")
     first, first_dir = prepared[0]
     cluster = connect(first.cluster, first.scaling)
-    print(f"graft: Ray at {cluster['address']}, dashboard {cluster['dashboard']}")
+    marks.mark("ray")
+    print(describe(cluster))
     for cfg, run_dir in prepared:
         _create(cfg, run_dir)
     total = sum(cfg.train.max_steps for cfg, _ in prepared)
@@ -320,7 +343,10 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
             # One session per fit: a second start in it is Ray Train's restart after a
             # failure (a preempted gang's successor is a new fit, a new session).
             session = uuid.uuid4().hex[:12]
-            trainer = make_trainer(head, head_dir, started=started, more=rest, session=session)
+            marks.mark("trainer")
+            trainer = make_trainer(
+                head, head_dir, started=started, more=rest, session=session, marks=marks.at
+            )
             with follow(
                 head_dir / runlog.METRICS,
                 total_steps=total,

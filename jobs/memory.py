@@ -120,7 +120,9 @@ def freeze_imports() -> None:
     ZeRO-3 engine build (its defragment), graft on every phase change and after every
     run of a gang. Tensors made from here on stay visible to ``live_tensor_bytes``
     (frozen objects are not in ``gc.get_objects()``; none of them is a model's)."""
-    import deepspeed  # noqa: F401  (every run builds an engine: frozen with the rest)
+    from jobs.engine import import_deepspeed
+
+    import_deepspeed()  # (every run builds an engine: frozen with the rest)
 
     gc.collect()
     gc.freeze()

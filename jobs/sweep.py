@@ -449,7 +449,7 @@ def run(
     import optuna
     from ray import tune
 
-    from cluster.connect import connect
+    from cluster.connect import connect, describe
 
     started = time.time()
     sweep = cfg.sweep
@@ -504,7 +504,7 @@ def run(
             study.enqueue_trial(params, skip_if_exists=True)
 
     cluster = connect(cfg.cluster, cfg.scaling)
-    console.print(f"graft: Ray at {cluster['address']}, dashboard {cluster['dashboard']}")
+    console.print(describe(cluster))
     at_once, fits = concurrency(cfg)
     if at_once < sweep.max_concurrent:
         console.print(

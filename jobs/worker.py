@@ -38,7 +38,7 @@ from conf.schema import FinetuneConfig, StrategyConfig
 from jobs import checkpoint as ckpt
 from jobs import data as data_lib
 from jobs import engine as engine_lib
-from jobs import memory, norms, objectives, preempt, runlog, strategies, tasks
+from jobs import memory, norms, objectives, preempt, runlog, strategies, tasks, timeline
 from jobs.data import cache as token_cache
 from jobs.evaluate import evaluate
 from jobs.export import export
@@ -46,7 +46,7 @@ from jobs.models import Layout, build, hidden_size
 from jobs.models import pad_id as models_pad_id
 from jobs.pool import Cancelled
 from jobs.strategies import Phase
-from jobs.strategies.discriminative import param_groups
+from jobs.strategies.discriminative import merge_alike, param_groups
 
 CHECKPOINTS = "checkpoints"
 # Test-only (jobs.finetune.STEP_SLEEP_ENV): the least time an optimizer step takes.
@@ -61,6 +61,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     (``loop_config["serve"]``), the runs its dispatcher hands out until it closes."""
     import ray.train
 
+    marks = timeline.Marks(loop_config.get("marks"))
+    marks.mark("worker_process", timeline.process_started())
+    marks.mark("train_fn")
     _quiet()
     memory.freeze_imports()
     context = ray.train.get_context()
@@ -82,6 +85,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
                 started=job.get("started", loop_config["started"]),
                 fail_at_step=debug.get("fail_at_step"),
                 session=loop_config.get("session"),
+                marks=marks,
             )
         except preempt.Preempted:
             return  # checkpointed: the driver restarts the gang, or exits (its own SIGTERM)
@@ -234,6 +238,7 @@ class Run:
     stop_at_step: int | None = None  # (a pool's run: stops there as if cancelled)
     session: str | None = None  # (train_one's)
     pids: list[int] = dataclasses.field(default_factory=list)  # each rank's process
+    marks: timeline.Marks = dataclasses.field(default_factory=timeline.Marks)  # start-up
     # Where reports go (ray.train.report, or a pool's dispatcher), and what runs after
     # every optimizer step (a pool run's cancellation check): see train_one.
     report: Any = None
@@ -272,9 +277,16 @@ class Stream:
 @dataclasses.dataclass
 class PhaseEngine:
     engine: Any
-    group_names: list[str]
+    group_names: list[list[str]]  # per optimizer group, the parameter groups it holds
     trainable: int
     total: int
+
+    def lrs(self) -> dict[str, float]:
+        """Every parameter group's current lr, by name."""
+        current = self.engine.lr_scheduler.get_last_lr()
+        return {
+            name: lr for names, lr in zip(self.group_names, current, strict=True) for name in names
+        }
 
 
 def train_one(
@@ -288,6 +300,7 @@ def train_one(
     stop_at_step: int | None = None,
     report: Any = None,
     session: str | None = None,
+    marks: timeline.Marks | None = None,
 ) -> None:
     """One run, start (or resume) to finish. ``report(metrics, final=)`` receives each
     evaluation/checkpoint report (default: ``ray.train.report``); it may raise to stop
@@ -302,6 +315,7 @@ def train_one(
         started=started,
         fail_at_step=fail_at_step,
         session=session,
+        marks=marks,
     )
     run.stop_at_step = stop_at_step
     run.report = report or _train_report
@@ -338,12 +352,16 @@ def setup(
     started: float,
     fail_at_step: int | None = None,
     session: str | None = None,
+    marks: timeline.Marks | None = None,
 ) -> Run:
     train = cfg.train
+    marks = marks or timeline.Marks()
     torch.manual_seed(train.seed)
     task = tasks.get(cfg.model)
     dataset = data_lib.load(cfg.data, task)
+    marks.mark("data_read")
     model, tokenizer = build(cfg.model, labels=dataset.labels, seed=train.seed)
+    marks.mark("model")
     layout = Layout.of(model.config)
     pad_id = models_pad_id(tokenizer)
 
@@ -367,6 +385,7 @@ def setup(
             cfg.eval.source_path, cfg.data, task, key="eval.source_path", labels=dataset.labels
         )
     train_set = token_cache.encode(task, dataset.train, tokenizer, cfg.data, dataset.labels)
+    marks.mark("data_encoded")
     per_epoch = data_lib.micro_batches_per_epoch(
         len(train_set), world_size=world, micro_batch_size=train.micro_batch_size
     )
@@ -445,6 +464,7 @@ def setup(
         fail_at_step=fail_at_step,
         streams=streams,
         task_evals=task_evals,
+        marks=marks,
     )
 
 
@@ -508,7 +528,7 @@ def start_engine(
     """Apply a phase's strategy, group the trainable parameters (discriminative lrs),
     attach the loss terms and start its DeepSpeed engine. The worker's path;
     ``jobs.memprobe`` measures this too."""
-    import deepspeed
+    deepspeed = engine_lib.import_deepspeed()
 
     train = cfg.train
     phase = phase or Phase(0, strategy.name, 0, train.max_steps, strategy)
@@ -554,6 +574,7 @@ def start_engine(
     trainable = sum(p.numel() for g in groups for p in g["params"])
     total = sum(p.numel() for p in model.parameters())
     engine_lib.lean_deepspeed()
+    groups = merge_alike(groups)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=engine_lib.optimizer(groups, train),
@@ -568,7 +589,7 @@ def start_engine(
         ),
         dist_init_required=False,
     )
-    return PhaseEngine(engine, [g["name"] for g in groups], trainable, total)
+    return PhaseEngine(engine, [g["names"] for g in groups], trainable, total)
 
 
 def start_phase(run: Run, phase: Phase, state: State) -> None:
@@ -604,7 +625,8 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
     del weights, term_weights
     run.model = None  # type: ignore[assignment]  # the engine owns it now
     run.current = current
-    lrs = dict(zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True))
+    run.marks.mark("engine" if phase.index == 0 else f"engine.{phase.index}")
+    lrs = current.lrs()
     if run.resume_from is not None and phase.index == state.phase:
         meta = ckpt.read_meta(run.resume_from)
         saved = ckpt.load(
@@ -664,6 +686,7 @@ def start_phase(run: Run, phase: Phase, state: State) -> None:
                 "token_cache": dict(token_cache.stats),
                 # from the run's start (a pool: its submission) to its engine, ready to train
                 "startup_s": time.time() - run.started,
+                "startup": run.marks.since(run.started),  # where that went (jobs/timeline.py)
             }
         )
         if cfg.train.eval_at_start:
@@ -780,6 +803,7 @@ def train_phase(run: Run, phase: Phase, current: PhaseEngine, state: State) -> N
             record.update(window.flush(run, current, state))
             if state.step == 1:
                 record["time_to_first_step_s"] = time.time() - run.started
+                run.marks.mark("first_step")
 
         save = state.step % train.checkpoint_every == 0 or end_of_phase
         if state.step % train.eval_every == 0 or end_of_phase:
@@ -852,9 +876,7 @@ class _Window:
         elapsed = time.time() - self.start
         record = {
             "loss": _all_mean(self.loss / self.micro),
-            "lr": dict(
-                zip(current.group_names, current.engine.lr_scheduler.get_last_lr(), strict=True)
-            ),
+            "lr": current.lrs(),
             "examples_per_s": _all_mean(self.examples / elapsed) * run.world,
             "steps_per_s": self.micro / train.grad_accum_steps / elapsed,
             "epoch": state.micro_step / run.per_epoch,

@@ -64,3 +64,28 @@ def param_groups(
         )
         group["params"].append(param)
     return sorted(groups.values(), key=lambda g: (-g["depth"], g["name"]))
+
+
+def merge_alike(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The optimizer groups to build: groups whose settings (lr, weight decay, ...) are
+    equal become one, listing its members' names in ``"names"`` (logs still show every
+    group's lr). Under ZeRO each optimizer group is its own flat buffer with its own
+    all-gather per step, so ten equal groups cost ten collectives where one does: on a
+    small model that was most of graft's per-step overhead over a plain loop."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for group in groups:
+        settings = tuple(
+            sorted(
+                (k, v) for k, v in group.items() if k not in ("params", "name", "names", "depth")
+            )
+        )
+        names = group.get("names", [group["name"]])
+        if settings not in merged:
+            merged[settings] = {**group, "params": list(group["params"]), "names": list(names)}
+            continue
+        into = merged[settings]
+        into["params"] += group["params"]
+        into["names"] += names
+        into["name"] = "+".join(into["names"])
+        into["depth"] = max(into["depth"], group["depth"])
+    return list(merged.values())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -132,3 +136,23 @@ def test_a_users_deepspeed_json_may_not_take_grafts_keys(tmp_path, content: str,
     assert says in str(raised.value)
     with pytest.raises(ConfigError, match="does not exist"):
         DeepSpeedConfig(config=str(tmp_path / "missing.json")).check()
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after() -> None:
+    """In a fresh interpreter (a worker): DeepSpeed's autotuner would import mlflow (and
+    pandas) at start; graft's import leaves it out, and run.loggers=[mlflow] still
+    imports it afterwards."""
+    code = (
+        "import sys; from jobs.engine import import_deepspeed; ds = import_deepspeed(); "
+        "print('deepspeed' in sys.modules, 'mlflow' in sys.modules, 'pandas' in sys.modules); "
+        "import mlflow; print(bool(mlflow.__version__))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()  # (after DeepSpeed's own accelerator warning)
+    assert out[-2:] == ["True False False", "True"]

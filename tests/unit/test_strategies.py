@@ -12,7 +12,7 @@ from conf.schema import LoraConfig, ModelConfig, StrategyConfig
 from jobs.config import compose
 from jobs.models import Layout, build
 from jobs.strategies import apply
-from jobs.strategies.discriminative import param_groups
+from jobs.strategies.discriminative import merge_alike, param_groups
 
 LR = 1e-3
 
@@ -146,6 +146,27 @@ def test_weight_decay_skips_biases_and_norms() -> None:
             is_bias_or_norm = names[id(p)].endswith(("bias", "LayerNorm.weight"))
             assert g["weight_decay"] == (0.0 if is_bias_or_norm else 0.1), names[id(p)]
             assert g["name"].endswith(".no_decay") == is_bias_or_norm
+
+
+def test_groups_with_equal_settings_become_one_optimizer_group() -> None:
+    """Under ZeRO each optimizer group is a flat buffer with its own collectives: equal
+    groups are merged, every parameter kept once, every group's name kept for the logs."""
+    model, layout = _model("tiny_bert")
+    model = apply(model, StrategyConfig(name="full"), layout)
+    groups = param_groups(model, layout, lr=LR, weight_decay=0.1)
+    merged = merge_alike(groups)
+    assert len(groups) > 2 and len(merged) == 2  # decay and no decay
+    assert {g["weight_decay"] for g in merged} == {0.0, 0.1}
+    assert sorted(n for g in merged for n in g["names"]) == sorted(g["name"] for g in groups)
+    assert sorted(id(p) for g in merged for p in g["params"]) == sorted(
+        id(p) for g in groups for p in g["params"]
+    )
+    for g in merged:
+        assert all(n.endswith(".no_decay") == (g["weight_decay"] == 0.0) for n in g["names"])
+    # Distinct lrs stay distinct groups (discriminative lrs are kept).
+    decaying = param_groups(model, layout, lr=LR, lr_ratio=0.5, head_lr_mult=10.0)
+    assert len(merge_alike(decaying)) == len(decaying)
+    assert [g["names"] for g in merge_alike(merged)] == [g["names"] for g in merged]
 
 
 def test_discriminative_groups_cover_only_lora_and_head_under_lora() -> None:
