@@ -319,6 +319,14 @@ def reap_stale_embedded() -> list[int]:
     return stopped
 
 
+def _system_config(cluster: ClusterConfig) -> dict[str, Any]:
+    """Ray's settings for an embedded cluster."""
+    settings: dict[str, Any] = {}
+    if not cluster.dashboard:
+        settings["enable_metrics_collection"] = False  # (nothing could read them)
+    return settings
+
+
 def describe(found: dict[str, Any]) -> str:
     """The line a driver prints once connected."""
     dashboard = found.get("dashboard") or "off (cluster.dashboard=true starts it)"
@@ -379,7 +387,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             dashboard_port=cluster.dashboard_port or free_port(),
             log_to_driver=cluster.log_to_driver,
             logging_level=logging.WARNING,
-            _system_config=None if cluster.dashboard else {"enable_metrics_collection": False},
+            _system_config=_system_config(cluster),
         )
         node = ray._private.worker._global_node
         assert node is not None  # (ray.init just started it)

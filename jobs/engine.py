@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.abc
+import importlib.util
 import sys
 from functools import partial
 from typing import Any
@@ -52,11 +54,33 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
+def _muon_uncompiled() -> None:
+    """ZeRO-1/2's gradient reduction imports DeepSpeed's Muon optimizer at the first
+    backward (only to test ``isinstance(optimizer, MuonWithAuxAdam)``), and that import
+    wraps Muon's kernels in ``torch.compile``, which loads TorchInductor: ~0.9 s of CPU
+    per worker before its first step. graft's optimizer is AdamW, so Muon's kernels are
+    never called: imported here with ``torch.compile`` as the identity, they stay eager."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules or importlib.util.find_spec(name) is None:
+        return
+    compile_ = torch.compile
+
+    def eager(fn: Any = None, **_: Any) -> Any:
+        return fn if fn is not None else (lambda f: f)
+
+    torch.compile = eager  # type: ignore[assignment]
+    try:
+        importlib.import_module(name)
+    finally:
+        torch.compile = compile_
+
+
 def lean_deepspeed() -> None:
     """Before DeepSpeed's communication backend starts in this process: skip building
-    what a graft training run never uses (UNUSED_OPS). Idempotent; the run trains
-    exactly as before."""
+    what a graft training run never uses (UNUSED_OPS), and import its Muon optimizer
+    without compiling it. Idempotent; the run trains exactly as before."""
     deepspeed = import_deepspeed()
+    _muon_uncompiled()
 
     compatible = deepspeed.ops.__compatible_ops__  # one dict, kept by the module
     for name in UNUSED_OPS:

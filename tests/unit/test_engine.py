@@ -156,3 +156,21 @@ def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after() -> No
         check=True,
     ).stdout.splitlines()  # (after DeepSpeed's own accelerator warning)
     assert out[-2:] == ["True False False", "True"]
+
+
+def test_lean_deepspeed_imports_muon_without_torch_compile_and_restores_it() -> None:
+    code = (
+        "import sys, torch; before = torch.compile; from jobs.engine import lean_deepspeed; "
+        "lean_deepspeed(); from deepspeed.runtime.zero.muon import original_muon as m; "
+        "print(torch.compile is before, 'torch._inductor.compile_fx' in sys.modules, "
+        "type(m.muon_update).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert out[-1] == "True False function"  # eager Muon, no TorchInductor loaded
