@@ -327,6 +327,36 @@ def _system_config(cluster: ClusterConfig) -> dict[str, Any]:
     return settings
 
 
+def worker_env() -> dict[str, str]:
+    """What every Ray worker of a graft job gets: WORKER_ENV and this process's
+    PASS_THROUGH variables."""
+    return dict(WORKER_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
+
+
+def join_local(cluster: ClusterConfig) -> str | None:
+    """The address of the cluster `graft cluster up` runs on this machine, where
+    ``cluster`` leaves the address unset (an embedded cluster otherwise), reuse_local is
+    on, and that cluster's head is alive and answers. Joining it skips the Ray start-up
+    every embedded command pays."""
+    if cluster.address is not None or not cluster.reuse_local:
+        return None
+    from cluster import local
+
+    state = local.read_state()
+    if not state or not state.get("pids") or not local._alive(state["pids"][0]):
+        return None
+    try:
+        probe(state["address"], timeout_s=2)
+    except (ConnectionError, ConfigError):
+        return None  # (its head is going down, or the state is stale)
+    enable_token_auth()  # (`up` starts its nodes with token auth, as Ray's default)
+    return str(state["address"])
+
+
+def join_note(address: str) -> str:
+    return f"cluster.address={address}; cluster.reuse_local=false starts an embedded one"
+
+
 def describe(found: dict[str, Any]) -> str:
     """The line a driver prints once connected."""
     dashboard = found.get("dashboard") or "off (cluster.dashboard=true starts it)"
@@ -338,7 +368,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
     (embedded: before starting Ray; remote: right after connecting)."""
     import ray
 
-    env = dict(WORKER_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ})
+    env = worker_env()
     if ray.is_initialized():  # a caller (a test, a notebook) already connected
         if cluster.address is not None and cluster.address != "auto":
             # The config names a cluster: it must be the one this process is on.
@@ -394,11 +424,22 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         _record_embedded(node.get_session_dir_path())
     else:
         probe(cluster.address)
+        # A runtime env gets workers of its own (new processes); where the cluster's
+        # nodes already have this env (`graft cluster up` started them from this
+        # machine with it), the workers they keep started can take the job at once.
+        from cluster import local
+
+        state = local.read_state()
+        same_env = bool(
+            state
+            and state.get("worker_env") == env
+            and _same_address(state["address"], cluster.address)
+        )
         try:
             ctx = ray.init(
                 address=cluster.address,
                 log_to_driver=cluster.log_to_driver,
-                runtime_env={"env_vars": env},
+                runtime_env=None if same_env else {"env_vars": env},
                 logging_level=logging.WARNING,
             )
         except Exception as e:  # Ray raises ConnectionError, RuntimeError or auth errors here

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cluster.connect import DRIVER_ENV, enable_token_auth, free_port
+from cluster.connect import DRIVER_ENV, enable_token_auth, free_port, worker_env
 
 STATE_FILE = "cluster.json"
 
@@ -157,6 +157,10 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
     # RAY_AUTH_MODE=token, and `ray start --head` makes no token where there is none.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     env.pop(DRIVER_ENV, None)  # (an embedded driver's identity: this cluster outlives it)
+    # Every node starts with the env graft gives its workers (recorded in the state): a
+    # driver on this machine with the same env needs no runtime env, so the workers the
+    # nodes keep started take its gang (cluster.connect).
+    env.update(worker_env())
     env.setdefault("RAY_AUTH_MODE", "token")
     if env["RAY_AUTH_MODE"] == "token":
         ensure_token(env)
@@ -192,6 +196,7 @@ def up(num_cpus: int, workers: int, *, timeout_s: float = 120) -> dict[str, Any]
         "pids": pids,
         "num_cpus": num_cpus,
         "workers": workers,
+        "worker_env": worker_env(),
     }
     procs: list[subprocess.Popen[bytes]] = []
     try:

@@ -427,6 +427,9 @@ class ScalingConfig:
 class ClusterConfig:
     # None = start an embedded local Ray for this process; else ray://, host:port or "auto".
     address: str | None = None
+    # With address unset: join the cluster `graft cluster up` runs on this machine when
+    # it is up (no Ray start-up paid per command); false: always an embedded one.
+    reuse_local: bool = True
     # Embedded cluster size; None = this machine's CPU count.
     num_cpus: int | None = None
     # Ray's dashboard on the embedded cluster (true: its URL is printed). Off by default:

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
-
-import peft
+from typing import TYPE_CHECKING, Any
 
 from conf.schema import FinetuneConfig
 from jobs import card, objectives
 from jobs.models import build, weights_dir
+
+if TYPE_CHECKING:
+    import peft
+
+
+def is_adapter(module: Any) -> bool:
+    """A peft model (peft is imported only by runs that use it: none can exist before)."""
+    loaded = sys.modules.get("peft")
+    return loaded is not None and isinstance(module, loaded.PeftModel)
 
 
 def full_state_dict(engine: Any, *, terms: bool = False) -> dict[str, Any] | None:
@@ -50,7 +58,7 @@ def export(
     module: Any = objectives.unwrap(engine.module)
     terms = [t for t in engine.module.loss_terms if hasattr(t, "export")] if wrapped else []
     plain = state_dict  # the bare model's weights by plain names (LoRA merged in)
-    if isinstance(module, peft.PeftModel):
+    if is_adapter(module):
         merged = _export_adapter(
             module, state_dict, cfg, export_dir, labels=labels, merge=bool(terms)
         )
@@ -73,7 +81,7 @@ def export(
         metrics=metrics or {},
         base=str(base),
         labels=labels,
-        adapter=isinstance(module, peft.PeftModel),
+        adapter=is_adapter(module),
     )
 
 
@@ -102,6 +110,8 @@ def _export_adapter(
     module.save_pretrained(str(adapter_dir), state_dict=state_dict)
     if not (cfg.run.export_merged or merge):
         return None
+    import peft
+
     base, _ = build(cfg.model, labels=labels, seed=cfg.train.seed)
     merged = peft.PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if cfg.run.export_merged:

@@ -1,12 +1,17 @@
 """Overhead of `graft finetune` over a hand-written DeepSpeed loop under torchrun.
 
-    python tests/benchmarks/bench_overhead.py [--steps 60] [--stage 2]     # or: make bench
+    python tests/benchmarks/bench_overhead.py [--steps 60] [--stage 2] [--models tiny,minilm]
 
-Same tiny LLaMA (hidden 256, 4 blocks), same batches (micro batch 8, 2 workers), same
-ZeRO stage, measured in one run. graft evaluates and checkpoints only at the end here,
-so the steady-state numbers compare the training loops. Reported:
-- steady-state steps/s (from step 10 to the last step, wall clock) and their ratio;
-- time from command start to the end of the first optimizer step.
+For each model, measured in one run: the same model, batches (micro batch 8, 2 workers),
+ZeRO stage and DeepSpeed config for graft and for the minimal loop
+(tests/benchmarks/minimal_ds_loop.py, unchanged). Models: a tiny LLaMA (hidden 256, 4
+blocks; instruction data) and MiniLM-L6 (the real 22.7M-parameter BERT; sequence
+classification). graft evaluates and checkpoints only at its last step, so the steady
+window stops one log interval before it. Reported:
+- steady-state steps/s (from step 10 to step steps-10, wall clock) and their ratio;
+- time from command start to the end of the first optimizer step, and where graft's
+  went (the start record's ``startup`` timeline, jobs/timeline.py); graft both with
+  its own embedded Ray and joining a `graft cluster up` cluster started beforehand.
 Writes runs/bench/overhead.json and overhead.md.
 """
 
@@ -20,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
@@ -27,36 +33,40 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
 from jobs import runlog  # noqa: E402
 from jobs.config import compose  # noqa: E402
 from jobs.engine import deepspeed_config  # noqa: E402
-from tests.conftest import write_instructions  # noqa: E402
+from tests.conftest import write_classification, write_instructions  # noqa: E402
 
-ARCH = [
+TINY = [
     "model=tiny_llama",
     "model.arch.hidden_size=256",
     "model.arch.intermediate_size=688",
     "model.arch.num_attention_heads=8",
     "model.arch.num_key_value_heads=4",
 ]
+MODELS = {
+    "tiny": ("tiny LLaMA hidden 256, 4 blocks (instruction data)", TINY, "instruction"),
+    "minilm": (
+        "MiniLM-L6, 22.7M parameters (sequence classification)",
+        ["model=minilm"],
+        "classification",
+    ),
+}
 
 
-def steady_rate(steps: list[int], times: list[float], first: int = 10) -> float:
-    """Optimizer steps per second between step ``first`` and the last step."""
-    i = steps.index(first)
-    return (steps[-1] - steps[i]) / (times[-1] - times[i])
+def steady(steps: list[int], times: list[float], last: int) -> float:
+    """Steps/s between step 10 and ``last`` (both logged)."""
+    i, j = steps.index(10), steps.index(last)
+    return (steps[j] - steps[i]) / (times[j] - times[i])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--stage", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
-    data_file = write_instructions(work / "instruct.jsonl", n=2000)
-    overrides = ARCH + [
+def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
+    what, arch, task = MODELS[name]
+    if task == "instruction":
+        data_file = write_instructions(work / f"{name}.jsonl", n=2000)
+    else:
+        data_file = write_classification(work / f"{name}.jsonl", n=2000)
+    overrides = arch + [
         "data=jsonl",
-        "data.task=instruction",
+        f"data.task={task}",
         f"data.path={data_file}",
         "data.max_length=64",
         f"deepspeed=zero{args.stage}",
@@ -64,7 +74,7 @@ def main() -> None:
         "scaling=local",
         f"train.max_steps={args.steps}",
         "train.micro_batch_size=8",
-        "train.lr=1e-3",
+        "train.lr=1e-3" if task == "instruction" else "train.lr=5e-5",
         "train.warmup_steps=0",
         f"train.eval_every={args.steps}",
         f"train.checkpoint_every={args.steps}",
@@ -72,25 +82,34 @@ def main() -> None:
         "train.eval_at_start=false",
         "run.export=false",
         f"run.output_dir={work}",
-        "run.name=graft",
+        f"run.name=graft-{name}",
     ]
     cfg = compose(overrides)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    last = args.steps - 10  # (the last step's record comes after the final evaluation)
 
-    # 1. graft finetune, as a user runs it.
-    t0 = time.time()
+    # 1. graft finetune, as a user runs it: its own embedded Ray.
+    graft = run_graft([*overrides, "cluster.reuse_local=false"], work / f"graft-{name}", env, last)
+    # 1b. The same, with a `graft cluster up` cluster already running (joined).
+    home = work / f"home-{name}"
+    joined_env = dict(env, GRAFT_HOME=str(home))
+    cli = [sys.executable, "-m", "cluster.cli"]
     subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "finetune", "-q", *overrides],
+        [*cli, "cluster", "up", "--num-cpus", "2", "--workers", "0"],
         cwd=ROOT,
-        env=env,
+        env=joined_env,
         check=True,
+        stdout=subprocess.DEVNULL,
     )
-    records = [r for r in runlog.read(work / "graft") if "loss" in r]
-    graft_steps, graft_times = [r["step"] for r in records], [r["time"] for r in records]
-    graft = {
-        "steps_per_s": steady_rate(graft_steps, graft_times),
-        "time_to_first_step_s": graft_times[0] - t0,
-    }
+    try:
+        joined = run_graft(
+            [*overrides, f"run.name=graft-{name}-joined"],
+            work / f"graft-{name}-joined",
+            joined_env,
+            last,
+        )
+    finally:
+        subprocess.run([*cli, "cluster", "down"], cwd=ROOT, env=joined_env, check=True)
 
     # 2. The hand-written loop under torchrun: same model, data, DeepSpeed config.
     spec = {
@@ -101,10 +120,10 @@ def main() -> None:
             cfg.deepspeed,
             cfg.train,
             world_size=cfg.scaling.num_workers,
-            hidden_size=cfg.model.arch["hidden_size"],
+            hidden_size=hidden_size_of(cfg),
         ),
     }
-    (work / "spec.json").write_text(json.dumps(spec))
+    (work / f"spec-{name}.json").write_text(json.dumps(spec))
     t0 = time.time()
     subprocess.run(
         [
@@ -114,45 +133,104 @@ def main() -> None:
             "--nproc_per_node",
             "2",
             str(ROOT / "tests" / "benchmarks" / "minimal_ds_loop.py"),
-            str(work / "plain.json"),
-            str(work / "spec.json"),
+            str(work / f"plain-{name}.json"),
+            str(work / f"spec-{name}.json"),
         ],
         cwd=ROOT,
         env=dict(env, OMP_NUM_THREADS="1"),
         check=True,
     )
-    plain_times = json.loads((work / "plain.json").read_text())["step_times"]
+    plain_times = json.loads((work / f"plain-{name}.json").read_text())["step_times"]
     plain_steps = list(range(1, len(plain_times) + 1))
     plain = {
-        "steps_per_s": steady_rate(plain_steps, plain_times),
+        "steps_per_s": steady(plain_steps, plain_times, last),
         "time_to_first_step_s": plain_times[0] - t0,
     }
+    return {
+        "model": what,
+        "graft": graft,
+        "graft_joined_local_cluster": joined,
+        "torchrun_deepspeed": plain,
+        "steps_per_s_ratio": graft["steps_per_s"] / plain["steps_per_s"],
+    }
 
+
+def run_graft(overrides: list[str], run_dir: Path, env: dict[str, str], last: int) -> dict:
+    t0 = time.time()
+    subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "finetune", "-q", *overrides],
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    log = runlog.read(run_dir)
+    records = [r for r in log if "loss" in r]
+    start = next(r for r in log if r.get("event") == "start")
+    steps, times = [r["step"] for r in records], [r["time"] for r in records]
+    return {
+        "steps_per_s": steady(steps, times, last),
+        "time_to_first_step_s": times[0] - t0,
+        "startup": {**start.get("startup", {}), "first_step": round(times[0] - t0, 2)},
+    }
+
+
+def hidden_size_of(cfg: Any) -> int:
+    if cfg.model.arch:
+        return int(cfg.model.arch["hidden_size"])
+    from jobs.models import hf_config
+
+    return int(hf_config(cfg.model).hidden_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--models", default="tiny,minilm")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
+    results = {name: measure(name, args, work) for name in args.models.split(",")}
     result = {
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "setup": {
-            "model": "tiny LLaMA hidden 256, 4 blocks",
             "workers": 2,
             "zero_stage": args.stage,
             "micro_batch": 8,
             "seq_len<=": 64,
             "steps": args.steps,
+            "steady_window": f"step 10 to {args.steps - 10}",
         },
-        "graft": graft,
-        "torchrun_deepspeed": plain,
-        "steps_per_s_ratio": graft["steps_per_s"] / plain["steps_per_s"],
+        "models": results,
     }
     (out / "overhead.json").write_text(json.dumps(result, indent=2))
+    rows = []
+    for r in results.values():
+        g, j, p = r["graft"], r["graft_joined_local_cluster"], r["torchrun_deepspeed"]
+        rows.append(
+            f"| {r['model']} | {g['steps_per_s']:.2f} | {p['steps_per_s']:.2f} "
+            f"| {r['steps_per_s_ratio']:.2f} | {g['time_to_first_step_s']:.1f} "
+            f"| {j['time_to_first_step_s']:.1f} ({j['steps_per_s']:.2f} steps/s) "
+            f"| {p['time_to_first_step_s']:.1f} |"
+        )
     table = (
-        "| | steady steps/s | time to first step (s) |\n|---|---|---|\n"
-        f"| graft finetune (Ray Train + DeepSpeed) | {graft['steps_per_s']:.2f} | {graft['time_to_first_step_s']:.1f} |\n"
-        f"| hand-written DeepSpeed loop (torchrun) | {plain['steps_per_s']:.2f} | {plain['time_to_first_step_s']:.1f} |\n"
-        f"| ratio graft / plain | {result['steps_per_s_ratio']:.2f} | |\n"
+        "| model | graft steps/s | plain steps/s | ratio | graft first step (s) "
+        "| graft, `graft cluster up` running: first step (s) | plain first step (s) |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+    timeline = "\n".join(
+        f"- {r['model']}, {how}: " + ", ".join(f"{k} {v}" for k, v in r[key]["startup"].items())
+        for r in results.values()
+        for how, key in (("embedded", "graft"), ("joined", "graft_joined_local_cluster"))
     )
     (out / "overhead.md").write_text(
-        f"# Overhead ({result['machine']}, ZeRO-{args.stage}, 2 workers)\n\n{table}"
+        f"# Overhead ({result['machine']}, ZeRO-{args.stage}, 2 workers)\n\n{table}\n"
+        f"graft's start-up, seconds from the command (jobs/timeline.py):\n\n{timeline}\n"
     )
     print(table)
+    print(timeline)
 
 
 if __name__ == "__main__":

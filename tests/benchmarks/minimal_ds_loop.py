@@ -35,9 +35,9 @@ def main() -> None:
         DataConfig(**spec["data"]),
         TrainConfig(**spec["train"]),
     )
-    model, tok = build(model_cfg)
     ds = data_lib.load(data_cfg)
-    encoded = data_lib.encode(ds.train, tok, data_cfg, None)
+    model, tok = build(model_cfg, labels=ds.labels)  # (labels: None unless classification)
+    encoded = data_lib.encode(ds.train, tok, data_cfg, ds.labels)
     batches = data_lib.train_batches(
         encoded,
         rank=rank,
@@ -59,6 +59,9 @@ def main() -> None:
             json.dump(
                 {"started": float(os.environ.get("BENCH_T0", STARTED)), "step_times": times}, f
             )
+    # After the timed loop: a rank that exits with gloo's threads still up can abort
+    # in its teardown ("terminate called without an active exception").
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -176,3 +176,35 @@ def test_clear_errors_for_bad_addresses_and_tokens(cluster: dict, tmp_path: Path
     )
     assert bad_config.returncode == 2 and "strategy.lora.r" in bad_config.stderr
     assert "submitted" not in bad_config.stdout  # checked here, never sent
+
+
+def test_finetune_joins_the_running_local_cluster(
+    cluster: dict, data_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[type-arg]
+    """With `graft cluster up` running, `graft finetune` (no cluster.address) joins it
+    instead of starting an embedded Ray, with no runtime env (its workers have the env
+    `up` gave the nodes); cluster.reuse_local=false would start an embedded one."""
+    from cluster.connect import worker_env
+
+    env = cluster["env"]
+    state = json.loads((Path(env["GRAFT_HOME"]) / "cluster.json").read_text())
+    # (the driver's env is the nodes': the condition for no runtime env)
+    assert state["worker_env"] == worker_env() and worker_env()["RAY_TRAIN_V2_ENABLED"] == "1"
+    done = _graft("finetune", *_job_overrides(data_dir, tmp_path, "joined", 6), env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert f"joining the cluster `graft cluster up` runs (cluster.address={cluster['address']}" in (
+        done.stdout
+    )
+    port = cluster["address"].rpartition(":")[2]  # (Ray names the node by its own IP)
+    assert any(
+        line.startswith("graft: Ray at ") and f":{port}," in line
+        for line in done.stdout.splitlines()
+    ), done.stdout
+    saved = (tmp_path / "joined" / "config.yaml").read_text()
+    assert f"address: {cluster['address']}" in saved  # (what it ran on, for the record)
+    ends = [
+        r
+        for r in map(json.loads, (tmp_path / "joined" / "metrics.jsonl").read_text().splitlines())
+        if r.get("event") == "end"
+    ]
+    assert ends and ends[0]["step"] == 6

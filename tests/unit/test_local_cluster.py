@@ -296,3 +296,47 @@ def test_a_worker_whose_driver_died_stops_before_writing(tmp_path: Path, driver:
         assert f"the driver (pid {gone.pid}) is gone" in done.stderr
     else:
         assert done.returncode == 0 and out.read_text() == "step 6", done.stderr
+
+
+def test_an_unset_address_joins_only_a_live_answering_local_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`graft finetune` with no cluster.address joins the cluster `graft cluster up`
+    runs, but never a stale state: a dead head, or a live pid where nothing answers (a
+    pid reused by another process); and never when cluster.reuse_local=false or an
+    address is given."""
+    import json
+    import os
+
+    from cluster.connect import join_local
+    from conf.schema import ClusterConfig
+
+    monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "home"))
+    assert join_local(ClusterConfig()) is None  # no state at all
+    (tmp_path / "home").mkdir()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # (nothing listens there once closed)
+    state = {"address": f"127.0.0.1:{port}", "dashboard": "", "pids": [2**22 + 17]}
+    local.state_path().write_text(json.dumps(state))
+    assert join_local(ClusterConfig()) is None  # its head is gone
+    local.state_path().write_text(json.dumps({**state, "pids": [os.getpid()]}))
+    assert join_local(ClusterConfig()) is None  # alive, but no Ray answers at the address
+    with socket.socket() as gcs:  # something that speaks gRPC's first frame
+        gcs.bind(("127.0.0.1", port))
+        gcs.listen()
+
+        def answer() -> None:
+            conn, _ = gcs.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+        import threading
+
+        server = threading.Thread(target=answer, daemon=True)
+        server.start()
+        assert join_local(ClusterConfig()) == f"127.0.0.1:{port}"
+        server.join(5)
+    assert join_local(ClusterConfig(reuse_local=False)) is None
+    assert join_local(ClusterConfig(address="10.0.0.9:6380")) is None
