@@ -550,8 +550,11 @@ def data_preview(
             f"tokens: {lengths}; {shown['truncated']} over data.max_length={shown['max_length']}"
         )
     for i, item in enumerate(shown["examples"]):
-        typer.echo(f"--- example {i} ({item.get('num_tokens', '?')} tokens)")
-        typer.echo(f"input: {item.get('text', item.get('record'))!r}")
+        if "image" in item:  # (an image task's record: the file and its label)
+            typer.echo(f"--- example {i} (image)\nimage: {item['image']}")
+        else:
+            typer.echo(f"--- example {i} ({item.get('num_tokens', '?')} tokens)")
+            typer.echo(f"input: {item.get('text', item.get('record'))!r}")
         if "trained_text" in item:
             typer.echo(f"trained on ({item['trained_tokens']} tokens): {item['trained_text']!r}")
         elif "label" in item:

@@ -223,11 +223,12 @@ class DataConfig:
                         f"data.{name}",
                         f"applies to images (data.task=image_classification), not data.task={self.task}",
                     )
-        if self.task == "image_classification" and self.source != "file":
+        if self.task == "image_classification" and self.source not in ("file", "hf"):
             raise ConfigError(
                 "data.source",
                 f"{self.source} is text; images come from a folder or a JSONL/CSV listing "
-                "(data.source=file data.path=<root/<label>/*.png or listing>)",
+                "(data.source=file data.path=<root/<label>/*.png or listing>), or a Hugging "
+                "Face dataset with an image column (data.source=hf)",
             )
         if self.labels is not None and len(set(self.labels)) < 2:
             raise ConfigError("data.labels", f"needs at least 2 distinct labels, got {self.labels}")

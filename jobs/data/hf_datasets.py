@@ -6,8 +6,9 @@ A JSON/JSONL, CSV, Parquet or Arrow file (or a folder of them) goes through
 ``load_dataset``, a folder written by ``save_to_disk`` through ``load_from_disk``; any
 other value is a hub id, read where the network allows (with ``HF_HUB_OFFLINE=1`` that
 is an error naming ``data.path``). Columns map to the task's fields through
-``data.text_field`` / ``label_field`` / ``prompt_field`` / ``response_field``; a
-``ClassLabel`` column gives its label names, not its integers. Rows then pass the same
+``data.text_field`` / ``label_field`` / ``prompt_field`` / ``response_field`` /
+``image_field``; a ``ClassLabel`` column gives its label names, not its integers, and an
+``Image`` column (or a column of paths) the image files the image task reads. Rows then pass the same
 checks as a file's records (a missing or blank field is named with its row).
 """
 
@@ -41,18 +42,71 @@ def read(
         raise ConfigError(
             "data.path",
             f"{cfg.path} [{split}]: no column(s) {missing}; its columns: {table.column_names} "
-            "(map yours with data.text_field / label_field / prompt_field / response_field)",
+            "(map yours with data.text_field / label_field / prompt_field / response_field / "
+            "image_field)",
         )
     names = {f: table.features[f].names for f in fields if hasattr(table.features[f], "int2str")}
+    image = cfg.image_field if cfg.task == "image_classification" else None
+    if image is not None and type(table.features[image]).__name__ == "Image":
+        import datasets
+
+        table = table.cast_column(image, datasets.Image(decode=False))  # {path, bytes}
     records = []
     for i, row in enumerate(table.select_columns(list(fields))):
+        where = f"{cfg.path} [{split}] row {i}"
         for f, labels in names.items():
             if isinstance(row[f], int) and 0 <= row[f] < len(labels):
                 row[f] = labels[row[f]]
-        records.append(check_record(row, f"{cfg.path} [{split}] row {i}", fields, "data.path"))
+        if image is not None and row[image] is not None:
+            row[image] = image_file(row[image], cfg, where)
+        records.append(check_record(row, where, fields, "data.path"))
     if not records:
         raise ConfigError(split_key, f"{cfg.path} [{split}] holds no examples")
+    if image is not None:
+        from jobs.data import images
+
+        images.check_images([{"image": r[image]} for r in records], key="data.path")
     return records
+
+
+def image_file(value: Any, cfg: DataConfig, where: str) -> str:
+    """A path the image task reads, for an image column's value: an ``Image`` feature's
+    bytes (Parquet and Arrow embed them) are written once to
+    $GRAFT_CACHE/hf-images/<content hash> (atomically: every worker reads the data); its
+    path, or a string column's, is taken as it is, relative to the data's folder."""
+    if isinstance(value, dict) and value.get("bytes"):
+        import hashlib
+        import io
+        import os
+
+        from PIL import Image, UnidentifiedImageError
+
+        from jobs.models import cache_dir
+
+        data = value["bytes"]
+        try:
+            with Image.open(io.BytesIO(data)) as opened:
+                kind = (opened.format or "img").lower()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ConfigError("data.path", f"{where}: not a readable image ({e})") from None
+        folder = cache_dir() / "hf-images"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.{kind}"
+        if not target.is_file():
+            partial = target.with_name(f".{target.name}.{os.getpid()}")
+            partial.write_bytes(data)
+            partial.replace(target)
+        return str(target)
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError(
+            "data.path",
+            f"{where}: column {cfg.image_field!r} holds no image (neither bytes nor a path)",
+        )
+    assert cfg.path is not None
+    root = Path(cfg.path).expanduser()
+    root = root if root.is_dir() else root.parent
+    return str((root / Path(path).expanduser()).resolve())
 
 
 def _open(cfg: DataConfig) -> Any:

@@ -160,3 +160,43 @@ def test_info_shows_hydras_search_path_and_the_options_each_group_took() -> None
     assert sweep.exit_code == 0 and "Config: sweep.yaml" in sweep.output
     typo = runner.invoke(app, ["finetune", "--info", "train.lrr=1"])
     assert typo.exit_code == 2 and "train.lr" in typo.output
+
+
+def test_data_preview_of_an_hf_image_column_names_its_files(tmp_path: Path) -> None:
+    """An image task's examples are their files and labels (not `input: None`)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    def png(colour: tuple[int, int, int]) -> dict[str, object]:
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(out, format="PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["blue", "red"])}
+    )
+    datasets.Dataset.from_dict(
+        {
+            "img": [png((200, 0, 0) if i % 2 else (0, 0, 200)) for i in range(20)],
+            "label": [i % 2 for i in range(20)],
+        },
+        features=features,
+    ).to_parquet(str(tmp_path / "pics.parquet"))
+    shown = runner.invoke(
+        app,
+        [
+            "data",
+            "preview",
+            "model=tiny_vit",
+            "data=jsonl",
+            "data.source=hf",
+            f"data.path={tmp_path / 'pics.parquet'}",
+            "data.task=image_classification",
+            "data.image_field=img",
+        ],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "labels (train): blue=" in shown.output and "input: None" not in shown.output
+    assert "--- example 0 (image)\nimage: " in shown.output and ".png\nlabel: " in shown.output

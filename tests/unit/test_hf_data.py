@@ -130,3 +130,65 @@ def test_a_damaged_cache_entry_is_encoded_again(
     entry.write_bytes(entry.read_bytes()[:100])  # truncated, as by a full disk or a kill
     assert cache.encode(task, loaded.train, tokenizer, cfg, loaded.labels) == good
     assert cache.encode(task, loaded.train, tokenizer, cfg, loaded.labels) == good
+
+
+def test_an_image_column_becomes_files_the_image_task_reads(tmp_path: Path) -> None:
+    """An ``Image`` feature's bytes (embedded in Parquet) are written once, by content,
+    under $GRAFT_CACHE/hf-images and decode to the same pixels; a column of relative
+    paths is resolved against the data's folder; a value that is no image is named."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(colour: tuple[int, int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (12, 10), colour).save(out, format="PNG")
+        return out.getvalue()
+
+    colours = {"red": (200, 10, 10), "blue": (10, 10, 200)}
+    rows = [{"picture": png(colours[c]), "kind": c} for c in ["red", "blue"] * 6]
+    features = datasets.Features(
+        {"picture": datasets.Image(), "kind": datasets.ClassLabel(names=["blue", "red"])}
+    )
+    table = datasets.Dataset.from_dict(
+        {
+            "picture": [{"bytes": r["picture"], "path": None} for r in rows],
+            "kind": [["blue", "red"].index(r["kind"]) for r in rows],
+        },
+        features=features,
+    )
+    table.to_parquet(str(tmp_path / "pictures.parquet"))
+    cfg = _hf(
+        tmp_path / "pictures.parquet",
+        task="image_classification",
+        image_field="picture",
+        label_field="kind",
+        eval_fraction=0.25,
+    )
+    loaded = data.load(cfg)
+    assert loaded.labels == ["blue", "red"]
+    examples = loaded.train + loaded.eval
+    assert len(examples) == 12 and len({e["image"] for e in examples}) == 2  # one file a content
+    for e in examples:
+        assert Path(e["image"]).parent.name == "hf-images"
+        pixel = np.asarray(Image.open(e["image"]).convert("RGB"))[0, 0]
+        assert tuple(pixel) == colours[e["label"]]
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), colours["red"]).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (8, 8), colours["blue"]).save(tmp_path / "imgs" / "b.png")
+    listing = [{"file": f"imgs/{n}.png", "label": lab} for n, lab in (("a", "red"), ("b", "blue"))]
+    datasets.Dataset.from_list(listing * 4).to_json(str(tmp_path / "listing.jsonl"))
+    by_path = data.load(
+        _hf(tmp_path / "listing.jsonl", task="image_classification", image_field="file")
+    )
+    assert {e["image"] for e in by_path.train + by_path.eval} == {
+        str((tmp_path / "imgs" / n).resolve()) for n in ("a.png", "b.png")
+    }
+
+    datasets.Dataset.from_list([{"file": "imgs/missing.png", "label": "red"}] * 8).to_json(
+        str(tmp_path / "broken.jsonl")
+    )
+    with pytest.raises(ConfigError, match=r"data.path.*missing.png: no such image file"):
+        data.load(_hf(tmp_path / "broken.jsonl", task="image_classification", image_field="file"))
