@@ -1,4 +1,5 @@
-"""run.loggers: MLflow (a real SQLite tracking store, read back with the mlflow client),
+"""run.loggers: MLflow (a real SQLite tracking store, and a real tracking server started
+by a test, read back with the mlflow client),
 W&B offline, TensorBoard; a resumed run continues its tracker run; a failing tracker
 is reported and dropped, never fatal."""
 
@@ -64,6 +65,90 @@ def test_mlflow_gets_params_metrics_per_step_and_the_export_and_a_resume_continu
     assert len(client.search_runs([experiment.experiment_id])) == 1
     history = client.get_metric_history(tracked.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real MLflow tracking server on a free loopback port (SQLite behind it, artifacts
+    served over HTTP), as a team runs one; stopped after the test."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from cluster.connect import free_port
+
+    port = free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host=127.0.0.1",
+            f"--port={port}",
+            "--workers=1",
+            f"--backend-store-uri=sqlite:///{tmp_path / 'server.db'}",
+            f"--artifacts-destination={tmp_path / 'server-artifacts'}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert server.poll() is None and time.time() < deadline, (
+            "mlflow server did not come up: " + (tmp_path / "mlflow-server.log").read_text()[-2000:]
+        )
+        time.sleep(0.5)
+    yield url
+    os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+def test_mlflow_through_a_tracking_server_started_by_the_test(
+    data_dir: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """run.mlflow_tracking_uri=http://...: params, metrics per step and the export as
+    an artifact (uploaded through the server) read back with the mlflow client."""
+    cfg = compose(
+        tiny_overrides(data_dir)
+        + [
+            f"run.output_dir={tmp_path}",
+            "run.name=served",
+            "run.loggers=[mlflow]",
+            "run.project=graft-served",
+            f"run.mlflow_tracking_uri={mlflow_server}",
+        ]
+    )
+    run_dir = tmp_path / "served"
+    run_dir.mkdir()
+    log = runlog.RunLog(run_dir, enabled=True, cfg=cfg)
+    for step, loss in ((1, 2.0), (2, 1.5), (3, 1.25)):
+        log.log({"step": step, "loss": loss})
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text('{"model_type": "llama"}')
+    log.artifact(tmp_path / "export", "export")
+    log.close()
+    client = mlflow.MlflowClient(mlflow_server)
+    (experiment,) = [e for e in client.search_experiments() if e.name == "graft-served"]
+    (served,) = client.search_runs([experiment.experiment_id])
+    assert served.info.run_name == "served"
+    assert json.loads(served.data.params["train.max_steps"]) == cfg.train.max_steps
+    history = client.get_metric_history(served.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0), (2, 1.5), (3, 1.25)]
+    got = client.download_artifacts(served.info.run_id, "export/config.json", str(tmp_path))
+    assert json.loads(Path(got).read_text()) == {"model_type": "llama"}
+    # (uploaded to the server's own store, not written beside the run by the client)
+    assert list((tmp_path / "server-artifacts").rglob("config.json"))
 
 
 def test_wandb_writes_an_offline_run_that_a_resume_continues(
