@@ -340,6 +340,11 @@ def join_local(cluster: ClusterConfig) -> str | None:
     every embedded command pays."""
     if cluster.address is not None or not cluster.reuse_local:
         return None
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return None  # (a caller already connected this process: connect() uses that)
     from cluster import local
 
     state = local.read_state()

@@ -338,5 +338,11 @@ def test_an_unset_address_joins_only_a_live_answering_local_cluster(
         server.start()
         assert join_local(ClusterConfig()) == f"127.0.0.1:{port}"
         server.join(5)
+    import sys
+    import types
+
+    connected = types.SimpleNamespace(is_initialized=lambda: True)  # (a connected process)
+    monkeypatch.setitem(sys.modules, "ray", connected)
+    assert join_local(ClusterConfig()) is None  # connect() keeps the caller's Ray
     assert join_local(ClusterConfig(reuse_local=False)) is None
     assert join_local(ClusterConfig(address="10.0.0.9:6380")) is None
