@@ -46,7 +46,7 @@ def read(
             "image_field)",
         )
     names = {f: table.features[f].names for f in fields if hasattr(table.features[f], "int2str")}
-    image = cfg.image_field if cfg.task == "image_classification" else None
+    image = cfg.image_field if cfg.image_field in fields else None  # (the task reads images)
     if image is not None and type(table.features[image]).__name__ == "Image":
         import datasets
 

@@ -307,10 +307,14 @@ def test_an_unset_address_joins_only_a_live_answering_local_cluster(
     address is given."""
     import json
     import os
+    import sys
+    import types
 
     from cluster.connect import join_local
     from conf.schema import ClusterConfig
 
+    # This process is not connected to Ray (an earlier test in it may have been).
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(is_initialized=lambda: False))
     monkeypatch.setenv("GRAFT_HOME", str(tmp_path / "home"))
     assert join_local(ClusterConfig()) is None  # no state at all
     (tmp_path / "home").mkdir()
@@ -338,9 +342,6 @@ def test_an_unset_address_joins_only_a_live_answering_local_cluster(
         server.start()
         assert join_local(ClusterConfig()) == f"127.0.0.1:{port}"
         server.join(5)
-    import sys
-    import types
-
     connected = types.SimpleNamespace(is_initialized=lambda: True)  # (a connected process)
     monkeypatch.setitem(sys.modules, "ray", connected)
     assert join_local(ClusterConfig()) is None  # connect() keeps the caller's Ray
