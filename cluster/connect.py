@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -340,8 +341,6 @@ def join_local(cluster: ClusterConfig) -> str | None:
     every embedded command pays."""
     if cluster.address is not None or not cluster.reuse_local:
         return None
-    import sys
-
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return None  # (a caller already connected this process: connect() uses that)
@@ -358,8 +357,12 @@ def join_local(cluster: ClusterConfig) -> str | None:
     return str(state["address"])
 
 
-def join_note(address: str) -> str:
-    return f"cluster.address={address}; cluster.reuse_local=false starts an embedded one"
+def join_message(address: str) -> str:
+    """What a driver that joins the `graft cluster up` cluster prints."""
+    return (
+        f"graft: joining the cluster `graft cluster up` runs (cluster.address={address}; "
+        "cluster.reuse_local=false starts an embedded one)"
+    )
 
 
 def describe(found: dict[str, Any]) -> str:
@@ -429,9 +432,11 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         _record_embedded(node.get_session_dir_path())
     else:
         probe(cluster.address)
-        # A runtime env gets workers of its own (new processes); where the cluster's
-        # nodes already have this env (`graft cluster up` started them from this
-        # machine with it), the workers they keep started can take the job at once.
+        # A job-wide runtime env needs workers of its own (new processes). Where the
+        # nodes already have this env (`graft cluster up` started them with it), the job
+        # goes without one, so what brings no runtime env of its own (a sweep's Tune
+        # trial actors) takes the workers the nodes keep started; Ray Train's controller
+        # and workers bring theirs (its RAY_TRAIN_* variables) and are new processes.
         from cluster import local
 
         state = local.read_state()

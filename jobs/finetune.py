@@ -320,7 +320,7 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
 def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> list[Summary]:
     """Fine-tune each config, one after another, in one Train gang (same scaling and
     cluster): the gang's start-up is paid once. Every config is checked before Ray."""
-    from cluster.connect import connect, describe, join_local, join_note
+    from cluster.connect import connect, describe, join_local, join_message
     from jobs.progress import follow
 
     started = timeline.COMMAND_STARTED or time.time()
@@ -329,7 +329,7 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
     marks.mark("preflight")
     first, first_dir = prepared[0]
     if address := join_local(first.cluster):
-        print(f"graft: joining the cluster `graft cluster up` runs ({join_note(address)})")
+        print(join_message(address))
         for cfg, _ in prepared:
             cfg.cluster.address = address
     cluster = connect(first.cluster, first.scaling)

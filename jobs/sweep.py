@@ -449,13 +449,13 @@ def run(
     import optuna
     from ray import tune
 
-    from cluster.connect import connect, describe, join_local, join_note
+    from cluster.connect import connect, describe, join_local, join_message
 
     started = time.time()
     sweep = cfg.sweep
     space, num_blocks = check(cfg)
     if address := join_local(cfg.cluster):
-        console.print(f"graft: joining the cluster `graft cluster up` runs ({join_note(address)})")
+        console.print(join_message(address))
         cfg.cluster.address = address
     assert sweep is not None
     name = sweep_name(cfg)

@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere in the checkout
 from jobs import runlog  # noqa: E402
 from jobs.config import compose  # noqa: E402
 from jobs.engine import deepspeed_config  # noqa: E402
+from jobs.models import hf_config, hidden_size  # noqa: E402
 from tests.conftest import write_classification, write_instructions  # noqa: E402
 
 TINY = [
@@ -120,7 +120,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
             cfg.deepspeed,
             cfg.train,
             world_size=cfg.scaling.num_workers,
-            hidden_size=hidden_size_of(cfg),
+            hidden_size=hidden_size(hf_config(cfg.model)),
         ),
     }
     (work / f"spec-{name}.json").write_text(json.dumps(spec))
@@ -172,14 +172,6 @@ def run_graft(overrides: list[str], run_dir: Path, env: dict[str, str], last: in
         "time_to_first_step_s": times[0] - t0,
         "startup": {**start.get("startup", {}), "first_step": round(times[0] - t0, 2)},
     }
-
-
-def hidden_size_of(cfg: Any) -> int:
-    if cfg.model.arch:
-        return int(cfg.model.arch["hidden_size"])
-    from jobs.models import hf_config
-
-    return int(hf_config(cfg.model).hidden_size)
 
 
 def main() -> None:
