@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -23,13 +23,15 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
 from conf.schema import ConfigError, ModelConfig
 from jobs.models import torch_vision  # (registers the plain PyTorch backbones)
 from jobs.models.families import Family, Layout, family_of
+
+if TYPE_CHECKING:  # (transformers' modeling code: imported where a model is built)
+    from transformers import PreTrainedModel
 
 __all__ = [
     "Family",

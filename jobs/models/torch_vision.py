@@ -26,23 +26,21 @@ from __future__ import annotations
 import importlib
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForImageClassification,
-    PretrainedConfig,
-    PreTrainedModel,
-)
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
 
 from jobs.models.families import FAMILIES, Family
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,10 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {}
 # package name -> model_type, for jobs.models.weights_dir
 PACKAGES: dict[str, str] = {}
+# model_type -> its config class, whose model class is registered on first use
+_CONFIGS: dict[str, type[PretrainedConfig]] = {}
+_MODELS: dict[str, type[PreTrainedModel]] = {}
+_registering = threading.RLock()
 
 
 def _config_class(backbone: Backbone) -> type[PretrainedConfig]:
@@ -89,12 +91,18 @@ def _config_class(backbone: Backbone) -> type[PretrainedConfig]:
             self.drop_connect_rate = drop_connect_rate
             self.hidden_size = backbone.width
             super().__init__(**kwargs)
+            # Every way to a model of this type (from_config, from_pretrained, a loaded
+            # export) makes its config first: the model class is registered then.
+            wrapper_class(backbone.model_type)
 
     TorchVisionConfig.__name__ = f"{backbone.model_type}_config"
     return TorchVisionConfig
 
 
 def _model_class(backbone: Backbone, config_class: type) -> type[PreTrainedModel]:
+    from transformers import PreTrainedModel
+    from transformers.modeling_outputs import ImageClassifierOutput
+
     class TorchVisionForImageClassification(PreTrainedModel):
         config_class = None  # set below (a class attribute transformers reads)
         base_model_prefix = "backbone"
@@ -129,12 +137,17 @@ def _model_class(backbone: Backbone, config_class: type) -> type[PreTrainedModel
 
 def register(backbone: Backbone) -> None:
     """Make a backbone a transformers model type (AutoConfig, AutoModelForImageClassification)
-    and a graft family (jobs.models.families)."""
+    and a graft family (jobs.models.families).
+
+    The model class (a PreTrainedModel: transformers' modeling code, ~2 s to import on
+    this machine's CPU) is made and registered with AutoModelForImageClassification when
+    the first config of this type is, so importing jobs.models stays light for what
+    only reads configs (the driver's preflight) and the Auto class finds it as before."""
     if backbone.model_type in BACKBONES:
         return
     config_class = _config_class(backbone)
     AutoConfig.register(backbone.model_type, config_class)
-    AutoModelForImageClassification.register(config_class, _model_class(backbone, config_class))
+    _CONFIGS[backbone.model_type] = config_class
     prefix = "backbone."
     FAMILIES[backbone.model_type] = Family(
         modality="image",
@@ -147,6 +160,18 @@ def register(backbone: Backbone) -> None:
     BACKBONES[backbone.model_type] = backbone
     for package in backbone.weights:
         PACKAGES[package] = backbone.model_type
+
+
+def wrapper_class(model_type: str) -> type[PreTrainedModel]:
+    """The transformers model class of a registered backbone, registered with
+    AutoModelForImageClassification the first time it is asked for."""
+    with _registering:
+        if model_type not in _MODELS:
+            config_class = _CONFIGS[model_type]
+            made = _model_class(BACKBONES[model_type], config_class)
+            AutoModelForImageClassification.register(config_class, made)
+            _MODELS[model_type] = made
+        return _MODELS[model_type]
 
 
 def _count_blocks(backbone: Backbone, config: Any) -> int:

@@ -92,3 +92,62 @@ def test_an_export_loads_in_transformers_and_gives_back_the_librarys_module(
         expected = model.eval()(pixel_values=x).logits
         assert torch.equal(loaded(pixel_values=x).logits, expected)
         assert torch.equal(plain.eval()(x), expected)
+
+
+def _fresh_python(code: str) -> str:
+    """``code`` run in a new interpreter (nothing imported or registered yet)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_importing_the_models_registers_a_backbone_without_transformers_modeling_code(
+    tmp_path: Path,
+) -> None:
+    """`import jobs.models` (the driver's preflight) leaves out transformers' modeling code
+    (~2 s of CPU); the model class is registered when the first config of its type is
+    made, so an export still loads in a new process through the Auto class alone."""
+    cfg = _cfg(tmp_path)
+    cfg.model = _arch(cfg.model, image_size=32)
+    model, _ = build(cfg.model, labels=["a", "b", "c"], seed=2)
+    model.save_pretrained(tmp_path / "export")
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model.eval()(pixel_values=x).logits, tmp_path / "logits.pt")
+    out = _fresh_python(
+        "import sys, torch\n"
+        "import jobs.models\n"
+        "print('light', 'transformers.modeling_utils' not in sys.modules)\n"
+        "from transformers import AutoModelForImageClassification\n"
+        f"m = AutoModelForImageClassification.from_pretrained({str(tmp_path / 'export')!r}).eval()\n"
+        f"x, want = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'logits.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    print('class', type(m).__name__, 'equal', torch.equal(m(pixel_values=x).logits, want))\n"
+    )
+    assert "light True" in out, out
+    assert "class efficientnet_lite_for_image_classification equal True" in out, out
+
+
+def test_the_driver_imports_no_model_code() -> None:
+    """What `graft finetune` imports before Ray (jobs.finetune: preflight, the worker's
+    function by reference) holds no transformers modeling code: the workers import it,
+    where models are built."""
+    out = _fresh_python(
+        "import sys\n"
+        "import jobs.finetune, jobs.sweep\n"
+        "heavy = [m for m in ('transformers.modeling_utils', 'deepspeed', 'peft') if m in sys.modules]\n"
+        "print('heavy', heavy)\n"
+    )
+    assert "heavy []" in out, out
