@@ -412,8 +412,11 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         if not cluster.dashboard:
             env.update(NO_DASHBOARD_ENV)
         # Through this process's environment, not a runtime env: the raylet and every
-        # worker it starts inherit it, so the workers Ray prestarts at init (no runtime
-        # env) can host the gang; with env_vars each gang actor waited for a new process.
+        # worker it starts inherit it, so the job needs no runtime env of its own (with
+        # one, each of its actors waited for a new process). Ray Train still gives its
+        # controller, its synchronization actor and the gang workers a runtime env (its
+        # RAY_TRAIN_* and RAY_WARN_* variables), so those are new processes either way
+        # and the workers Ray prestarts at init stay idle (measured on Ray 2.60).
         os.environ.update(env)
         ctx = ray.init(
             # "local": always a new cluster for this process, even where `ray start`
