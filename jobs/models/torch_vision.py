@@ -67,9 +67,8 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {}
 # package name -> model_type, for jobs.models.weights_dir
 PACKAGES: dict[str, str] = {}
-# model_type -> its config class, whose model class is registered on first use
-_CONFIGS: dict[str, type[PretrainedConfig]] = {}
-_MODELS: dict[str, type[PreTrainedModel]] = {}
+# config class -> its model class, made and registered on first use (wrapper_class)
+_MODELS: dict[type[PretrainedConfig], type[PreTrainedModel]] = {}
 _registering = threading.RLock()
 
 
@@ -93,7 +92,7 @@ def _config_class(backbone: Backbone) -> type[PretrainedConfig]:
             super().__init__(**kwargs)
             # Every way to a model of this type (from_config, from_pretrained, a loaded
             # export) makes its config first: the model class is registered then.
-            wrapper_class(backbone.model_type)
+            wrapper_class(type(self))
 
     TorchVisionConfig.__name__ = f"{backbone.model_type}_config"
     return TorchVisionConfig
@@ -147,7 +146,6 @@ def register(backbone: Backbone) -> None:
         return
     config_class = _config_class(backbone)
     AutoConfig.register(backbone.model_type, config_class)
-    _CONFIGS[backbone.model_type] = config_class
     prefix = "backbone."
     FAMILIES[backbone.model_type] = Family(
         modality="image",
@@ -162,16 +160,15 @@ def register(backbone: Backbone) -> None:
         PACKAGES[package] = backbone.model_type
 
 
-def wrapper_class(model_type: str) -> type[PreTrainedModel]:
-    """The transformers model class of a registered backbone, registered with
-    AutoModelForImageClassification the first time it is asked for."""
+def wrapper_class(config_class: type[PretrainedConfig]) -> type[PreTrainedModel]:
+    """The transformers model class of a registered backbone's config class, registered
+    with AutoModelForImageClassification the first time it is asked for."""
     with _registering:
-        if model_type not in _MODELS:
-            config_class = _CONFIGS[model_type]
-            made = _model_class(BACKBONES[model_type], config_class)
+        if config_class not in _MODELS:
+            made = _model_class(BACKBONES[config_class.model_type], config_class)
             AutoModelForImageClassification.register(config_class, made)
-            _MODELS[model_type] = made
-        return _MODELS[model_type]
+            _MODELS[config_class] = made
+        return _MODELS[config_class]
 
 
 def _count_blocks(backbone: Backbone, config: Any) -> int:

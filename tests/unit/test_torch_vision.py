@@ -99,14 +99,12 @@ def _fresh_python(code: str) -> str:
     import subprocess
     import sys
 
-    root = Path(__file__).parents[2]
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=root,
+        cwd=Path(__file__).parents[2],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**__import__("os").environ, "PYTHONPATH": str(root)},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
