@@ -37,7 +37,30 @@ WORKER_ENV = {
 # Without the dashboard nothing can read Ray's metrics either: Ray Train's metrics
 # callbacks and the core workers' metrics collection are off there too.
 STATE_API_ENV = "GRAFT_STATE_API"
-EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+EMBEDDED_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # What Ray Train sets for its controller unless given: with it in the raylet's
+    # environment, the controller's own runtime env adds nothing (jobs.lean.LeanController).
+    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
+}
+# The embedded cluster this process started: its session directory and the
+# environment its raylet was started with (this process's at ray.init).
+_embedded: tuple[str, dict[str, str]] | None = None
+
+
+def raylet_env() -> dict[str, str] | None:
+    """The environment of the raylet of the cluster this process is on, where this
+    process started it (the embedded cluster): every worker process that raylet starts
+    without a runtime env has these values. None anywhere else (a cluster joined, one a
+    caller started, or none)."""
+    import ray
+
+    node = ray._private.worker._global_node if ray.is_initialized() else None
+    if _embedded is None or node is None or node.get_session_dir_path() != _embedded[0]:
+        return None
+    return dict(_embedded[1])
+
+
 # An embedded cluster's workers share its driver's fate: "<pid>:<start time>" of the
 # driver, which every rank checks at each step boundary (jobs.preempt.driver_gone). A
 # driver killed with SIGKILL takes Ray's GCS and raylet with it, but its workers can
@@ -64,6 +87,11 @@ def enable_token_auth() -> bool:
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
     if os.environ.get("RAY_AUTH_TOKEN") or Path(path).is_file():
         os.environ["RAY_AUTH_MODE"] = "token"
+        raylet = sys.modules.get("ray._raylet")
+        if raylet is not None:
+            # Ray read the mode into its config when it was imported: without a new read
+            # this process would send no token, even to a cluster it starts itself.
+            raylet.Config.initialize("")
         return True
     return False
 
@@ -413,11 +441,14 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             env.update(NO_DASHBOARD_ENV)
         # Through this process's environment, not a runtime env: the raylet and every
         # worker it starts inherit it, so the job needs no runtime env of its own (with
-        # one, each of its actors waited for a new process). Ray Train still gives its
+        # one, each of its actors waited for a new process). Ray Train would give its
         # controller, its synchronization actor and the gang workers a runtime env (its
-        # RAY_TRAIN_* and RAY_WARN_* variables), so those are new processes either way
-        # and the workers Ray prestarts at init stay idle (measured on Ray 2.60).
+        # RAY_TRAIN_* and RAY_WARN_* variables, the values this environment holds):
+        # jobs.finetune starts a jobs.lean.LeanController without one where the values
+        # match (raylet_env), so the controller and the synchronization actor take the
+        # workers Ray prestarts at init (measured on Ray 2.60).
         os.environ.update(env)
+        started_with = dict(os.environ)
         ctx = ray.init(
             # "local": always a new cluster for this process, even where `ray start`
             # left a cluster (or its address file) on this machine.
@@ -432,6 +463,8 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         )
         node = ray._private.worker._global_node
         assert node is not None  # (ray.init just started it)
+        global _embedded
+        _embedded = (node.get_session_dir_path(), started_with)
         _record_embedded(node.get_session_dir_path())
     else:
         probe(cluster.address)

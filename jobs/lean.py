@@ -1,14 +1,17 @@
 """Ray Train pieces that a fixed, embedded cluster has no use for, made lean.
 
-Imported by Ray Train's controller process (it unpickles the scaling policy), so it
-imports nothing of graft's and nothing heavy.
+Imported by Ray Train's controller process (it unpickles the scaling policy and, on the
+embedded cluster, is a ``LeanController``), so it imports nothing of graft's and
+nothing that process does not import anyway.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+from ray.train.v2._internal.execution.worker_group import WorkerGroup
 
 
 class NoAutoscalerScalingPolicy(FixedScalingPolicy):
@@ -28,3 +31,28 @@ class NoAutoscalerScalingPolicy(FixedScalingPolicy):
 
     def _cancel_resource_request(self) -> None:
         return None
+
+
+class InheritingWorkerGroup(WorkerGroup):
+    """Ray Train's worker group, whose workers take the raylet's environment as it is.
+
+    Ray Train gives each gang worker a runtime env holding the ``RAY_TRAIN_*`` variables
+    set in its controller's environment, so every worker waits for a new process. A
+    ``LeanController`` runs with no runtime env of its own on graft's embedded cluster,
+    whose raylet (started by the driver) already holds those same values, so its
+    workers need none either: a worker asked for with no runtime env can take an idle
+    process the raylet has already started. A runtime env given in the run config
+    (``RunConfig(worker_runtime_env=...)``) is kept as given."""
+
+    @staticmethod
+    def _get_worker_runtime_env(custom_runtime_env: Any) -> Any:
+        return dict(custom_runtime_env)
+
+
+class LeanController(TrainController):
+    """Ray Train's controller with an ``InheritingWorkerGroup``. Started by the driver
+    (jobs.finetune) only where the raylet's environment holds every variable Ray Train
+    would have propagated, with the value the driver has (on graft's embedded cluster);
+    anywhere else Ray Train starts its own controller."""
+
+    worker_group_cls = InheritingWorkerGroup

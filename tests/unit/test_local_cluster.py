@@ -60,6 +60,41 @@ def test_a_new_machine_gets_a_token_that_only_its_user_reads(tmp_path: Path) -> 
         local.ensure_token({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "nope")})
 
 
+def test_a_process_that_turned_token_auth_on_can_still_start_an_embedded_cluster(
+    tmp_path: Path,
+) -> None:
+    """enable_token_auth (joining a `graft cluster up` cluster) set RAY_AUTH_MODE=token
+    after Ray had read its config at import: an embedded cluster started later in the
+    same process ran with token auth while its own driver sent none, and ray.init failed
+    (seen when a test that joins ran before the session's cluster started)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("b" * 64)
+    code = (
+        "import ray\n"
+        "from cluster.connect import connect, enable_token_auth\n"
+        "from conf.schema import ClusterConfig, ScalingConfig\n"
+        "assert enable_token_auth()\n"
+        "connect(ClusterConfig(num_cpus=1, dashboard=False), ScalingConfig(num_workers=1))\n"
+        "print(ray.get(ray.remote(lambda: 'answered').remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path), RAY_gcs_rpc_server_reconnect_timeout_s="5")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "answered"
+
+
 def test_a_head_that_cannot_bind_its_port_is_reported_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,85 @@
+"""The embedded cluster's lean Ray Train controller (jobs.lean.LeanController), on a real
+local Ray: its gang workers get every variable Ray Train propagates, with the driver's
+values, without a runtime env of their own; a variable the driver sets after the
+cluster started sends the fit back through Ray Train's own controller, which carries it.
+
+    pytest tests/integration/test_lean_controller.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_2cpus")]
+
+# A variable Ray Train propagates to its workers (ray.train.v2._internal.constants).
+LATE = "RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"
+
+
+def _record_env(config: dict[str, Any]) -> None:
+    import ray
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    seen = {
+        "env": {k: os.environ.get(k) for k in config["keys"]},
+        "runtime_env_vars": ray.get_runtime_context().runtime_env.get("env_vars") or {},
+    }
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def _fit(out: Path) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """A 2-worker TorchTrainer made lean as make_trainer makes an embedded run's; what
+    Ray Train would have propagated, and what each worker saw."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from jobs.finetune import _lean_callbacks, _no_autoscaler
+
+    wanted = get_env_vars_to_propagate()
+    wanted.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
+    out.mkdir()
+    trainer = TorchTrainer(
+        _record_env,
+        train_loop_config={"keys": sorted(wanted), "out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=".train", storage_path=str(out)),
+    )
+    _lean_callbacks(trainer, state_api=False)
+    _no_autoscaler(trainer)
+    trainer.fit()
+    return wanted, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_the_gang_inherits_ray_trains_variables_without_a_runtime_env(tmp_path: Path) -> None:
+    from jobs.finetune import controller_env_inherited
+
+    assert controller_env_inherited()
+    wanted, ranks = _fit(tmp_path / "lean")
+    # The embedded cluster sets some (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 among them).
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" in wanted
+    for seen in ranks:
+        assert seen["env"] == wanted
+        # No runtime env: Ray Train's own worker group would have given it env_vars.
+        assert seen["runtime_env_vars"] == {}
+
+
+def test_a_variable_set_after_the_cluster_started_reaches_the_gang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.finetune import controller_env_inherited
+
+    monkeypatch.setenv(LATE, "77")
+    assert not controller_env_inherited()
+    wanted, ranks = _fit(tmp_path / "ray")
+    assert wanted[LATE] == "77"
+    for seen in ranks:
+        assert seen["env"] == wanted
+        assert seen["runtime_env_vars"][LATE] == "77"
