@@ -1,7 +1,9 @@
-"""The embedded cluster's lean Ray Train controller (jobs.lean.LeanController), on a real
-local Ray: its gang workers get every variable Ray Train propagates, with the driver's
-values, without a runtime env of their own; a variable the driver sets after the
-cluster started sends the fit back through Ray Train's own controller, which carries it.
+"""The embedded cluster made lean, on a real local Ray: Ray Train's controller as a
+jobs.lean.LeanController, whose gang workers get every variable Ray Train propagates,
+with the driver's values, without a runtime env of their own; a variable the driver
+sets after the cluster started sends the fit back through Ray Train's own controller,
+which carries it. The cluster's head runs no dashboard, no log monitor and no autoscaler
+monitor.
 
     pytest tests/integration/test_lean_controller.py
 """
@@ -83,3 +85,24 @@ def test_a_variable_set_after_the_cluster_started_reaches_the_gang(
     for seen in ranks:
         assert seen["env"] == wanted
         assert seen["runtime_env_vars"][LATE] == "77"
+
+
+def test_the_embedded_head_runs_no_dashboard_no_log_monitor_and_no_autoscaler() -> None:
+    """(ray_2cpus starts it as graft does: cluster.dashboard and log_to_driver false.)"""
+    import ray
+    import ray._private.node
+    import ray._private.services
+    from ray._private import ray_constants
+
+    node = ray._private.worker._global_node
+    assert node is not None and node.head
+    assert ray_constants.PROCESS_TYPE_DASHBOARD not in node.all_processes
+    assert ray_constants.PROCESS_TYPE_MONITOR not in node.all_processes
+    assert ray_constants.PROCESS_TYPE_LOG_MONITOR not in node.all_processes
+    assert ray_constants.PROCESS_TYPE_RAYLET in node.all_processes
+    # Ray's own functions are back once the head is up.
+    assert ray._private.services.start_api_server.__module__ == "ray._private.services"
+    assert ray._private.node.Node.start_monitor.__module__ == "ray._private.node"
+    assert ray._private.node.Node.start_log_monitor.__module__ == "ray._private.node"
+    # The cluster still answers (ray.get of a task reaches the driver).
+    assert ray.get(ray.remote(num_cpus=0)(lambda: "answered").remote()) == "answered"

@@ -382,3 +382,29 @@ def test_an_unset_address_joins_only_a_live_answering_local_cluster(
     assert join_local(ClusterConfig()) is None  # connect() keeps the caller's Ray
     assert join_local(ClusterConfig(reuse_local=False)) is None
     assert join_local(ClusterConfig(address="10.0.0.9:6380")) is None
+
+
+def test_the_embedded_head_leaves_out_the_dashboard_only_where_none_is_asked_for() -> None:
+    """connect's _lean_head: cluster.dashboard=true keeps Ray's dashboard start,
+    cluster.log_to_driver=true its log monitor; Ray's own functions are back afterwards."""
+    import ray._private.node
+    import ray._private.services as services
+
+    from cluster.connect import _lean_head
+    from conf.schema import ClusterConfig
+
+    node = ray._private.node.Node
+    ray_dashboard, ray_monitor, ray_logs = (
+        services.start_api_server,
+        node.start_monitor,
+        node.start_log_monitor,
+    )
+    with _lean_head(ClusterConfig(dashboard=True, log_to_driver=True)):
+        assert services.start_api_server is ray_dashboard
+        assert node.start_log_monitor is ray_logs
+        assert node.start_monitor is not ray_monitor
+    with _lean_head(ClusterConfig(dashboard=False)):
+        assert services.start_api_server is not ray_dashboard
+        assert node.start_log_monitor is not ray_logs
+    assert services.start_api_server is ray_dashboard
+    assert node.start_monitor is ray_monitor and node.start_log_monitor is ray_logs
