@@ -36,22 +36,22 @@ def _record_env(config: dict[str, Any]) -> None:
 
 
 def _fit(out: Path) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """A 2-worker TorchTrainer made lean as make_trainer makes an embedded run's; what
-    Ray Train would have propagated, and what each worker saw."""
+    """A 2-worker Ray Train fit made lean as make_trainer makes an embedded run's (no
+    torch backend: what is tested is the worker group's); what Ray Train would have
+    propagated, and what each worker saw."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from jobs.finetune import _lean_callbacks, _no_autoscaler
 
     wanted = get_env_vars_to_propagate()
     wanted.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
     out.mkdir()
-    trainer = TorchTrainer(
+    trainer = DataParallelTrainer(
         _record_env,
         train_loop_config={"keys": sorted(wanted), "out": str(out)},
         scaling_config=ScalingConfig(num_workers=2),
-        torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name=".train", storage_path=str(out)),
     )
     _lean_callbacks(trainer, state_api=False)
