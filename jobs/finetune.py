@@ -148,14 +148,15 @@ def make_trainer(
     )
     _lean_callbacks(trainer, state_api=os.environ.get(STATE_API_ENV) != "0")
     if cfg.cluster.address is None:
-        _no_autoscaler(trainer)
+        _lean_controller(trainer)
     return trainer
 
 
-def _no_autoscaler(trainer: Any) -> None:
+def _lean_controller(trainer: Any) -> None:
     """On graft's embedded cluster (fixed size, no autoscaler), the controller runs with
-    jobs.lean.NoAutoscalerScalingPolicy instead of Ray Train's FixedScalingPolicy, and
-    where it can, as a jobs.lean.LeanController (``_start_controller``)."""
+    jobs.lean.NoAutoscalerScalingPolicy instead of Ray Train's FixedScalingPolicy and,
+    where its environment is already the raylet's, as a jobs.lean.LeanController
+    (``_start_controller``)."""
     from jobs.lean import NoAutoscalerScalingPolicy
 
     start = trainer._initialize_and_run_controller

@@ -37,12 +37,13 @@ class InheritingWorkerGroup(WorkerGroup):
     """Ray Train's worker group, whose workers take the raylet's environment as it is.
 
     Ray Train gives each gang worker a runtime env holding the ``RAY_TRAIN_*`` variables
-    set in its controller's environment, so every worker waits for a new process. A
-    ``LeanController`` runs with no runtime env of its own on graft's embedded cluster,
-    whose raylet (started by the driver) already holds those same values, so its
-    workers need none either: a worker asked for with no runtime env can take an idle
-    process the raylet has already started. A runtime env given in the run config
-    (``RunConfig(worker_runtime_env=...)``) is kept as given."""
+    set in its controller's environment. A ``LeanController`` runs with no runtime env
+    of its own on graft's embedded cluster, whose raylet (started by the driver) already
+    holds those same values, so its workers need none either and inherit them; without
+    a runtime env a worker may also take an idle process the raylet has already started
+    (on 2 cores the prestarted ones go to the controller and its synchronization actor).
+    A runtime env given in the run config (``RunConfig(worker_runtime_env=...)``) is kept
+    as given."""
 
     @staticmethod
     def _get_worker_runtime_env(custom_runtime_env: Any) -> Any:

@@ -239,6 +239,24 @@ def tiny_overrides(
     ]
 
 
+def fresh_python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+    """``code`` run in a new interpreter (nothing imported, registered or connected yet),
+    from the repository; its stdout. Fails the test, with its stderr, if it exits non-zero."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 @pytest.fixture(scope="session")
 def ray_2cpus() -> Iterator[None]:
     """A real local Ray with 2 CPUs for the whole session (started once: ~8 s)."""

@@ -43,7 +43,7 @@ def _fit(out: Path) -> tuple[dict[str, str], list[dict[str, Any]]]:
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from jobs.finetune import _lean_callbacks, _no_autoscaler
+    from jobs.finetune import _lean_callbacks, _lean_controller
 
     wanted = get_env_vars_to_propagate()
     wanted.setdefault("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
@@ -55,7 +55,7 @@ def _fit(out: Path) -> tuple[dict[str, str], list[dict[str, Any]]]:
         run_config=RunConfig(name=".train", storage_path=str(out)),
     )
     _lean_callbacks(trainer, state_api=False)
-    _no_autoscaler(trainer)
+    _lean_controller(trainer)
     trainer.fit()
     return wanted, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from conf.schema import SCHEDULES, DeepSpeedConfig, TrainConfig
 from jobs import engine
+from tests.conftest import fresh_python
 
 
 @pytest.mark.parametrize(("micro", "accum", "world"), [(8, 1, 1), (4, 4, 2), (2, 3, 8)])
@@ -147,14 +144,7 @@ def test_deepspeed_imports_without_mlflow_and_mlflow_still_imports_after() -> No
         "print('deepspeed' in sys.modules, 'mlflow' in sys.modules, 'pandas' in sys.modules); "
         "import mlflow; print(bool(mlflow.__version__))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.splitlines()  # (after DeepSpeed's own accelerator warning)
+    out = fresh_python(code).splitlines()  # (after DeepSpeed's own accelerator warning)
     assert out[-2:] == ["True False False", "True"]
 
 
@@ -165,12 +155,5 @@ def test_lean_deepspeed_imports_muon_without_torch_compile_and_restores_it() -> 
         "print(torch.compile is before, 'torch._inductor.compile_fx' in sys.modules, "
         "type(m.muon_update).__name__)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout.splitlines()
+    out = fresh_python(code).splitlines()
     assert out[-1] == "True False function"  # eager Muon, no TorchInductor loaded

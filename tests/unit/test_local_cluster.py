@@ -13,6 +13,7 @@ import pytest
 
 from cluster import local
 from cluster.connect import RESERVED_PORTS, ephemeral_range, free_port
+from tests.conftest import fresh_python
 
 
 def test_ports_picked_ahead_lie_outside_the_ephemeral_range() -> None:
@@ -68,8 +69,6 @@ def test_a_process_that_turned_token_auth_on_can_still_start_an_embedded_cluster
     same process ran with token auth while its own driver sent none, and ray.init failed
     (seen when a test that joins ran before the session's cluster started)."""
     import os
-    import subprocess
-    import sys
 
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("b" * 64)
@@ -83,16 +82,7 @@ def test_a_process_that_turned_token_auth_on_can_still_start_an_embedded_cluster
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(HOME=str(tmp_path), RAY_gcs_rpc_server_reconnect_timeout_s="5")
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).parents[2],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "answered"
+    assert fresh_python(code, env=env).strip() == "answered"
 
 
 def test_a_head_that_cannot_bind_its_port_is_reported_at_once(

@@ -17,6 +17,7 @@ from jobs import strategies
 from jobs.config import compose
 from jobs.models import Layout, build, torch_vision
 from jobs.tasks.image_classification import image_processor
+from tests.conftest import fresh_python
 
 
 def _cfg(tmp_path: Path, *extra: str):  # type: ignore[no-untyped-def]
@@ -94,22 +95,6 @@ def test_an_export_loads_in_transformers_and_gives_back_the_librarys_module(
         assert torch.equal(plain.eval()(x), expected)
 
 
-def _fresh_python(code: str) -> str:
-    """``code`` run in a new interpreter (nothing imported or registered yet)."""
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
-
 def test_importing_the_models_registers_a_backbone_without_transformers_modeling_code(
     tmp_path: Path,
 ) -> None:
@@ -124,7 +109,7 @@ def test_importing_the_models_registers_a_backbone_without_transformers_modeling
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(model.eval()(pixel_values=x).logits, tmp_path / "logits.pt")
-    out = _fresh_python(
+    out = fresh_python(
         "import sys, torch\n"
         "import jobs.models\n"
         "print('light', 'transformers.modeling_utils' not in sys.modules)\n"
@@ -142,7 +127,7 @@ def test_the_driver_imports_no_model_code() -> None:
     """What `graft finetune` imports before Ray (jobs.finetune: preflight, the worker's
     function by reference) holds no transformers modeling code: the workers import it,
     where models are built."""
-    out = _fresh_python(
+    out = fresh_python(
         "import sys\n"
         "import jobs.finetune, jobs.sweep\n"
         "heavy = [m for m in ('transformers.modeling_utils', 'deepspeed', 'peft') if m in sys.modules]\n"
