@@ -16,7 +16,8 @@ import os
 import random
 import socket
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,9 +350,21 @@ def reap_stale_embedded() -> list[int]:
     return stopped
 
 
+CONNECT_RETRY_MS = 20  # (see _system_config)
+NODE_POLL_S = 0.02  # how often _lean_head asks the GCS whether the raylet has registered
+
+
 def _system_config(cluster: ClusterConfig) -> dict[str, Any]:
     """Ray's settings for an embedded cluster."""
-    settings: dict[str, Any] = {}
+    settings: dict[str, Any] = {
+        # A Ray process connects to the raylet's and the object store's sockets with
+        # retries 1 s apart (10 of them): the raylet's object manager, started beside its
+        # object store, waited that second in 2 of 8 starts here (raylet.out: "Starting
+        # object store" 1.0 s before "ObjectManager server started"). The same 10 s in
+        # 20 ms steps.
+        "raylet_client_connect_timeout_milliseconds": CONNECT_RETRY_MS,
+        "raylet_client_num_connect_attempts": 10_000 // CONNECT_RETRY_MS,
+    }
     if not cluster.dashboard:
         settings["enable_metrics_collection"] = False  # (nothing could read them)
     return settings
@@ -370,19 +383,47 @@ def _lean_head(cluster: ClusterConfig) -> Iterator[None]:
     import ray._private.services
 
     services, node = ray._private.services, ray._private.node.Node
-    start_api_server = services.start_api_server
+    start_api_server, get_node = services.start_api_server, services.get_node
     start_monitor, start_log_monitor = node.start_monitor, node.start_log_monitor
     if not cluster.dashboard:
         services.start_api_server = lambda *args, **kwargs: (None, None)
     if not cluster.log_to_driver:
         node.start_log_monitor = lambda self: None  # type: ignore[method-assign]
     node.start_monitor = lambda self: None  # type: ignore[method-assign]
+    services.get_node = _registered(get_node)
     try:
         yield
     finally:
-        services.start_api_server = start_api_server
+        services.start_api_server, services.get_node = start_api_server, get_node
         node.start_monitor = start_monitor  # type: ignore[method-assign]
         node.start_log_monitor = start_log_monitor  # type: ignore[method-assign]
+
+
+def _registered(
+    get_node: Callable[[str, str], Any], *, wait_s: float = 30
+) -> Callable[[str, str], Any]:
+    """Ray's get_node(gcs_address, node_id), called once the GCS lists the node. ray.init
+    asks for the new raylet's node 0.1 s after starting it, and Ray's own lookup, when
+    the node is not there yet (it registers ~0.8 s after its start on 2 cores), sleeps a
+    whole second before it asks again; here the GCS is asked every NODE_POLL_S. Past
+    ``wait_s`` (Ray's raylet_start_wait_time_s, 30 s) or where the GCS does not answer,
+    Ray's lookup is left to fail as it does."""
+
+    def lookup(gcs_address: str, node_id: str) -> Any:
+        from ray._raylet import GcsClient
+
+        client = GcsClient(address=gcs_address)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                if any(key.hex() == node_id for key in client.get_all_node_info(timeout=5)):
+                    break
+            except Exception:  # (the GCS not answering yet: Ray's lookup reports it)
+                break
+            time.sleep(NODE_POLL_S)
+        return get_node(gcs_address, node_id)
+
+    return lookup
 
 
 def worker_env() -> dict[str, str]:

@@ -102,7 +102,48 @@ def test_the_embedded_head_runs_no_dashboard_no_log_monitor_and_no_autoscaler() 
     assert ray_constants.PROCESS_TYPE_RAYLET in node.all_processes
     # Ray's own functions are back once the head is up.
     assert ray._private.services.start_api_server.__module__ == "ray._private.services"
+    assert ray._private.services.get_node.__module__ == "ray._private.services"
     assert ray._private.node.Node.start_monitor.__module__ == "ray._private.node"
     assert ray._private.node.Node.start_log_monitor.__module__ == "ray._private.node"
     # The cluster still answers (ray.get of a task reaches the driver).
     assert ray.get(ray.remote(num_cpus=0)(lambda: "answered").remote()) == "answered"
+
+
+def test_the_embedded_head_retries_its_connections_in_short_steps() -> None:
+    """Its raylet and every process got _system_config's retry settings (read back from
+    the GCS): 20 ms apart, the same 10 s in all, instead of Ray's 1 s x 10."""
+    import ray
+
+    from cluster.connect import CONNECT_RETRY_MS
+
+    settings = ray._private.state.state.get_system_config()
+    assert settings["raylet_client_connect_timeout_milliseconds"] == CONNECT_RETRY_MS
+    assert settings["raylet_client_num_connect_attempts"] * CONNECT_RETRY_MS == 10_000
+
+
+def test_the_node_lookup_asks_the_gcs_until_the_node_is_there() -> None:
+    """_registered on this cluster's real GCS: a node it lists goes straight to Ray's
+    lookup; one it never lists is asked for until wait_s, then left to Ray's lookup (which
+    reports it as Ray does)."""
+    import time
+
+    import ray
+
+    from cluster.connect import NODE_POLL_S, _registered
+
+    asked: list[tuple[str, str]] = []
+
+    def ray_lookup(gcs_address: str, node_id: str) -> str:
+        asked.append((gcs_address, node_id))
+        return "ray's answer"
+
+    gcs = ray.get_runtime_context().gcs_address
+    here = ray.get_runtime_context().get_node_id()
+    assert _registered(ray_lookup)(gcs, here) == "ray's answer"
+    assert asked == [(gcs, here)]
+
+    absent = "ab" * 28  # (a node id no raylet has)
+    start = time.monotonic()
+    assert _registered(ray_lookup, wait_s=10 * NODE_POLL_S)(gcs, absent) == "ray's answer"
+    assert time.monotonic() - start >= 10 * NODE_POLL_S  # (it kept asking the GCS)
+    assert asked[-1] == (gcs, absent)
