@@ -410,7 +410,7 @@ def _registered(
     Ray's lookup is left to fail as it does."""
 
     def lookup(gcs_address: str, node_id: str) -> Any:
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
 
         client = GcsClient(address=gcs_address)
         deadline = time.monotonic() + wait_s
