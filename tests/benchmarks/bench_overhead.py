@@ -1,6 +1,7 @@
 """Overhead of `graft finetune` over a hand-written DeepSpeed loop under torchrun.
 
     python tests/benchmarks/bench_overhead.py [--steps 60] [--stage 2] [--models tiny,minilm]
+                                              [--repeats 3]
 
 For each model, measured in one run: the same model, batches (micro batch 8, 2 workers),
 ZeRO stage and DeepSpeed config for graft and for the minimal loop
@@ -10,8 +11,11 @@ classification). graft evaluates and checkpoints only at its last step, so the s
 window stops one log interval before it. Reported:
 - steady-state steps/s (from step 10 to step steps-10, wall clock) and their ratio;
 - time from command start to the end of the first optimizer step, and where graft's
-  went (the start record's ``startup`` timeline, jobs/timeline.py); graft both with
-  its own embedded Ray and joining a `graft cluster up` cluster started beforehand.
+  went (the start record's ``startup`` timeline, jobs/timeline.py).
+graft with its own embedded Ray and the plain loop run one after the other ``--repeats``
+times (each run is kept; the medians are reported: on 2 cores one run of the same code
+moves by ±5%), then graft once more joining a `graft cluster up` cluster started
+beforehand.
 Writes runs/bench/overhead.json and overhead.md.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,9 +93,34 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     last = args.steps - 10  # (the last step's record comes after the final evaluation)
 
-    # 1. graft finetune, as a user runs it: its own embedded Ray.
-    graft = run_graft([*overrides, "cluster.reuse_local=false"], work / f"graft-{name}", env, last)
-    # 1b. The same, with a `graft cluster up` cluster already running (joined).
+    # 1. The hand-written loop's spec: same model, data, DeepSpeed config.
+    spec = {
+        "model": {k: v for k, v in vars(cfg.model).items()},
+        "data": {k: v for k, v in vars(cfg.data).items()},
+        "train": {k: v for k, v in vars(cfg.train).items() if k != "early_stopping"},
+        "deepspeed": deepspeed_config(
+            cfg.deepspeed,
+            cfg.train,
+            world_size=cfg.scaling.num_workers,
+            hidden_size=hidden_size(hf_config(cfg.model)),
+        ),
+    }
+    (work / f"spec-{name}.json").write_text(json.dumps(spec))
+
+    # 2. graft finetune as a user runs it (its own embedded Ray) and the hand-written
+    # loop under torchrun, one after the other, args.repeats times.
+    grafts, plains = [], []
+    for i in range(args.repeats):
+        run = f"graft-{name}-{i}"
+        grafts.append(
+            run_graft(
+                [*overrides, f"run.name={run}", "cluster.reuse_local=false"], work / run, env, last
+            )
+        )
+        plains.append(run_plain(work, f"{name}-{i}", work / f"spec-{name}.json", env, last))
+    graft, plain = summary(grafts), summary(plains)
+
+    # 3. graft joining a `graft cluster up` cluster already running.
     home = work / f"home-{name}"
     joined_env = dict(env, GRAFT_HOME=str(home))
     cli = [sys.executable, "-m", "cluster.cli"]
@@ -111,19 +141,21 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     finally:
         subprocess.run([*cli, "cluster", "down"], cwd=ROOT, env=joined_env, check=True)
 
-    # 2. The hand-written loop under torchrun: same model, data, DeepSpeed config.
-    spec = {
-        "model": {k: v for k, v in vars(cfg.model).items()},
-        "data": {k: v for k, v in vars(cfg.data).items()},
-        "train": {k: v for k, v in vars(cfg.train).items() if k != "early_stopping"},
-        "deepspeed": deepspeed_config(
-            cfg.deepspeed,
-            cfg.train,
-            world_size=cfg.scaling.num_workers,
-            hidden_size=hidden_size(hf_config(cfg.model)),
-        ),
+    return {
+        "model": what,
+        "graft": graft,
+        "graft_joined_local_cluster": joined,
+        "torchrun_deepspeed": plain,
+        "steps_per_s_ratio": graft["steps_per_s"] / plain["steps_per_s"],
+        "steps_per_s_ratio_per_pair": [
+            round(g["steps_per_s"] / p["steps_per_s"], 3)
+            for g, p in zip(grafts, plains, strict=True)
+        ],
     }
-    (work / f"spec-{name}.json").write_text(json.dumps(spec))
+
+
+def run_plain(work: Path, tag: str, spec: Path, env: dict[str, str], last: int) -> dict:
+    """The hand-written loop under torchrun, 2 processes (tests/benchmarks/minimal_ds_loop.py)."""
     t0 = time.time()
     subprocess.run(
         [
@@ -133,26 +165,32 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
             "--nproc_per_node",
             "2",
             str(ROOT / "tests" / "benchmarks" / "minimal_ds_loop.py"),
-            str(work / f"plain-{name}.json"),
-            str(work / f"spec-{name}.json"),
+            str(work / f"plain-{tag}.json"),
+            str(spec),
         ],
         cwd=ROOT,
         env=dict(env, OMP_NUM_THREADS="1"),
         check=True,
     )
-    plain_times = json.loads((work / f"plain-{name}.json").read_text())["step_times"]
-    plain_steps = list(range(1, len(plain_times) + 1))
-    plain = {
-        "steps_per_s": steady(plain_steps, plain_times, last),
-        "time_to_first_step_s": plain_times[0] - t0,
-    }
+    times = json.loads((work / f"plain-{tag}.json").read_text())["step_times"]
     return {
-        "model": what,
-        "graft": graft,
-        "graft_joined_local_cluster": joined,
-        "torchrun_deepspeed": plain,
-        "steps_per_s_ratio": graft["steps_per_s"] / plain["steps_per_s"],
+        "steps_per_s": steady(list(range(1, len(times) + 1)), times, last),
+        "time_to_first_step_s": times[0] - t0,
     }
+
+
+def summary(runs: list[dict]) -> dict:
+    """The median of each measure over ``runs`` (which are kept, in order, under "runs");
+    graft's start-up timeline is the one of its median run by first step."""
+    out: dict = {
+        key: statistics.median(r[key] for r in runs)
+        for key in ("steps_per_s", "time_to_first_step_s")
+    }
+    out["runs"] = [{k: round(v, 3) for k, v in r.items() if k != "startup"} for r in runs]
+    if "startup" in runs[0]:
+        by_start = sorted(runs, key=lambda r: r["time_to_first_step_s"])
+        out["startup"] = by_start[(len(by_start) - 1) // 2]["startup"]
+    return out
 
 
 def run_graft(overrides: list[str], run_dir: Path, env: dict[str, str], last: int) -> dict:
@@ -179,6 +217,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--models", default="tiny,minilm")
+    # Each side's runs vary by a few percent on a 2-core machine: medians of alternating runs.
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -194,6 +234,7 @@ def main() -> None:
             "seq_len<=": 64,
             "steps": args.steps,
             "steady_window": f"step 10 to {args.steps - 10}",
+            "repeats": f"{args.repeats} alternating runs of graft (embedded) and of the plain loop; medians",
         },
         "models": results,
     }
@@ -201,14 +242,17 @@ def main() -> None:
     rows = []
     for r in results.values():
         g, j, p = r["graft"], r["graft_joined_local_cluster"], r["torchrun_deepspeed"]
+        firsts = [run["time_to_first_step_s"] for run in g["runs"]]
         rows.append(
             f"| {r['model']} | {g['steps_per_s']:.2f} | {p['steps_per_s']:.2f} "
-            f"| {r['steps_per_s_ratio']:.2f} | {g['time_to_first_step_s']:.1f} "
+            f"| {r['steps_per_s_ratio']:.2f} ({', '.join(map(str, r['steps_per_s_ratio_per_pair']))}) "
+            f"| {g['time_to_first_step_s']:.1f} ({min(firsts):.1f}-{max(firsts):.1f}) "
             f"| {j['time_to_first_step_s']:.1f} ({j['steps_per_s']:.2f} steps/s) "
             f"| {p['time_to_first_step_s']:.1f} |"
         )
     table = (
-        "| model | graft steps/s | plain steps/s | ratio | graft first step (s) "
+        f"Medians of {args.repeats} alternating runs (per pair; range):\n\n"
+        "| model | graft steps/s | plain steps/s | ratio (per pair) | graft first step (s) (range) "
         "| graft, `graft cluster up` running: first step (s) | plain first step (s) |\n"
         "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
