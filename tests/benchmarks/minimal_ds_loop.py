@@ -60,7 +60,10 @@ def main() -> None:
                 {"started": float(os.environ.get("BENCH_T0", STARTED)), "step_times": times}, f
             )
     # After the timed loop: a rank that exits with gloo's threads still up can abort
-    # in its teardown ("terminate called without an active exception").
+    # in its teardown ("terminate called without an active exception"); so can one that
+    # tears its group down while the other still writes the times (seen once in a
+    # bench-overhead run): both reach the teardown together.
+    dist.barrier()
     dist.destroy_process_group()
 
 
