@@ -17,7 +17,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,12 @@ EMBEDDED_ENV = {
     # environment, the controller's own runtime env adds nothing (jobs.lean.LeanController).
     "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
 }
+# What the driver imports once it is connected (jobs.finetune.make_trainer: Ray Train,
+# ~1.1 s of CPU): imported on a thread while ray.init waits on the processes it starts.
+TRAINER_MODULES = ("ray.train", "ray.train.torch", "jobs.lean")
+# Modules ray.init imports itself that Ray Train imports too (Ray 2.60): imported before
+# the thread starts, so the two threads never import the same module at once.
+INIT_SHARED = ("pydantic", "ray._common.usage.usage_lib", "ray.dashboard")
 # The embedded cluster this process started: its session directory and the
 # environment its raylet was started with (this process's at ray.init).
 _embedded: tuple[str, dict[str, str]] | None = None
@@ -469,9 +475,45 @@ def describe(found: dict[str, Any]) -> str:
     return f"graft: Ray at {found['address']}, dashboard {dashboard}"
 
 
-def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
+@contextlib.contextmanager
+def importing(modules: Sequence[str]) -> Iterator[None]:
+    """Import ``modules``, in order, on a thread of their own while the block runs (the
+    block waits on other processes: ray.init); the thread is joined when the block
+    ends, and its import error, if any, is raised then (the block's own error first)."""
+    if not modules:
+        yield
+        return
+    import importlib
+    import threading
+
+    for name in INIT_SHARED:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except BaseException as e:  # raised on the caller's thread, below
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="graft-imports", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
+def connect(
+    cluster: ClusterConfig, scaling: ScalingConfig, *, meanwhile: Sequence[str] = ()
+) -> dict[str, Any]:
     """Start or join Ray; returns {"address", "dashboard"}. Checks the workers fit first
-    (embedded: before starting Ray; remote: right after connecting)."""
+    (embedded: before starting Ray; remote: right after connecting). ``meanwhile``:
+    modules to import while ray.init starts or reaches the cluster (``importing``)."""
     import ray
 
     env = worker_env()
@@ -519,7 +561,7 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
         # workers Ray prestarts at init (measured on Ray 2.60).
         os.environ.update(env)
         started_with = dict(os.environ)
-        with _lean_head(cluster):
+        with _lean_head(cluster), importing(meanwhile):
             ctx = ray.init(
                 # "local": always a new cluster for this process, even where `ray start`
                 # left a cluster (or its address file) on this machine.
@@ -552,21 +594,22 @@ def connect(cluster: ClusterConfig, scaling: ScalingConfig) -> dict[str, Any]:
             and state.get("worker_env") == env
             and _same_address(state["address"], cluster.address)
         )
-        try:
-            ctx = ray.init(
-                address=cluster.address,
-                log_to_driver=cluster.log_to_driver,
-                runtime_env=None if same_env else {"env_vars": env},
-                logging_level=logging.WARNING,
-            )
-        except Exception as e:  # Ray raises ConnectionError, RuntimeError or auth errors here
-            raise ConnectionError(
-                f"cluster.address: could not connect to Ray at {cluster.address!r}: {e}. "
-                "Check the address (host:port of the GCS, or ray://host:10001) and the token: "
-                f"this process's comes from {token_source()} (RAY_AUTH_TOKEN, "
-                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; the cluster's is in its head's "
-                "~/.ray/auth_token)."
-            ) from None
+        with importing(meanwhile):
+            try:
+                ctx = ray.init(
+                    address=cluster.address,
+                    log_to_driver=cluster.log_to_driver,
+                    runtime_env=None if same_env else {"env_vars": env},
+                    logging_level=logging.WARNING,
+                )
+            except Exception as e:  # Ray raises ConnectionError, RuntimeError or auth errors here
+                raise ConnectionError(
+                    f"cluster.address: could not connect to Ray at {cluster.address!r}: {e}. "
+                    "Check the address (host:port of the GCS, or ray://host:10001) and the token: "
+                    f"this process's comes from {token_source()} (RAY_AUTH_TOKEN, "
+                    "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; the cluster's is in its head's "
+                    "~/.ray/auth_token)."
+                ) from None
         resources = ray.cluster_resources()
         check_capacity(
             scaling,

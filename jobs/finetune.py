@@ -371,7 +371,7 @@ def run(cfg: FinetuneConfig, *, show_progress: bool = True) -> Summary:
 def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> list[Summary]:
     """Fine-tune each config, one after another, in one Train gang (same scaling and
     cluster): the gang's start-up is paid once. Every config is checked before Ray."""
-    from cluster.connect import connect, describe, join_local, join_message
+    from cluster.connect import TRAINER_MODULES, connect, describe, join_local, join_message
     from jobs.progress import follow
 
     started = timeline.COMMAND_STARTED or time.time()
@@ -383,7 +383,7 @@ def run_many(cfgs: Sequence[FinetuneConfig], *, show_progress: bool = True) -> l
         print(join_message(address))
         for cfg, _ in prepared:
             cfg.cluster.address = address
-    cluster = connect(first.cluster, first.scaling)
+    cluster = connect(first.cluster, first.scaling, meanwhile=TRAINER_MODULES)
     marks.mark("ray")
     print(describe(cluster))
     for cfg, run_dir in prepared:

@@ -398,3 +398,52 @@ def test_the_embedded_head_leaves_out_the_dashboard_only_where_none_is_asked_for
         assert node.start_log_monitor is not ray_logs
     assert services.start_api_server is ray_dashboard
     assert node.start_monitor is ray_monitor and node.start_log_monitor is ray_logs
+
+
+def _write_module(where: Path, name: str, body: str) -> None:
+    (where / f"{name}.py").write_text(body)
+
+
+def test_modules_import_on_their_own_thread_while_the_block_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """connect(meanwhile=...): what the driver imports next comes in on a thread while
+    ray.init waits; the block's end waits for it, so the module is whole afterwards."""
+    import sys
+    import threading
+
+    from cluster.connect import importing
+
+    _write_module(
+        tmp_path,
+        "graft_slow_mod",
+        "import threading, time\nTHREAD = threading.current_thread().name\ntime.sleep(0.3)\nDONE = True\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "graft_slow_mod", raising=False)
+    seen_during: list[bool] = []
+    with importing(["graft_slow_mod"]):
+        time.sleep(0.1)
+        seen_during.append(threading.active_count() > 1)
+    module = sys.modules["graft_slow_mod"]
+    assert module.DONE and module.THREAD == "graft-imports"
+    assert module.THREAD != threading.current_thread().name and seen_during == [True]
+    assert not any(t.name == "graft-imports" for t in threading.enumerate())  # joined
+
+
+def test_an_import_error_is_raised_after_the_block_and_the_blocks_own_error_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cluster.connect import importing
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ran = []
+    with pytest.raises(ModuleNotFoundError, match="graft_no_such_module"):
+        with importing(["graft_no_such_module"]):
+            ran.append(True)
+    assert ran == [True]  # the block ran in full before the error came
+    with pytest.raises(ValueError, match="the block's"):
+        with importing(["graft_no_such_module"]):
+            raise ValueError("the block's")
+    with importing([]):  # nothing to import: no thread
+        pass
