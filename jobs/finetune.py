@@ -149,7 +149,18 @@ def make_trainer(
     _lean_callbacks(trainer, state_api=os.environ.get(STATE_API_ENV) != "0")
     if cfg.cluster.address is None:
         _lean_controller(trainer)
+        _lean_backend(trainer)
     return trainer
+
+
+def _lean_backend(trainer: Any) -> None:
+    """On graft's embedded cluster, the gang's torch process group is set up through a
+    jobs.lean.LeanTorchConfig (Ray Train's TorchConfig without torch in the controller)."""
+    from jobs.lean import LeanTorchConfig
+
+    lean = LeanTorchConfig.of(trainer.backend_config)
+    trainer.backend_config = lean
+    trainer.train_run_context = dataclasses.replace(trainer.train_run_context, backend_config=lean)
 
 
 def _lean_controller(trainer: Any) -> None:

@@ -147,3 +147,80 @@ def test_the_node_lookup_asks_the_gcs_until_the_node_is_there() -> None:
     assert _registered(ray_lookup, wait_s=10 * NODE_POLL_S)(gcs, absent) == "ray's answer"
     assert time.monotonic() - start >= 10 * NODE_POLL_S  # (it kept asking the GCS)
     assert asked[-1] == (gcs, absent)
+
+
+def _controllers_with_torch() -> list[bool]:
+    """For each LeanController process on this machine: whether torch's library is
+    mapped into it (read from /proc)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            maps = Path(f"/proc/{pid}/maps").read_text() if b"LeanController" in cmdline else ""
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::LeanController"):
+            found.append("libtorch" in maps)
+    return found
+
+
+def _all_reduce(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    rank = ray.train.get_context().get_world_rank()
+    total = torch.tensor([rank + 1.0])
+    dist.all_reduce(total)
+    seen = {
+        "world": dist.get_world_size(),
+        "rank": dist.get_rank(),
+        "backend": dist.get_backend(),
+        "sum": total.item(),
+        "controllers_with_torch": _controllers_with_torch(),
+    }
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def test_the_lean_torch_backend_sets_up_the_process_group_without_torch_in_the_controller(
+    tmp_path: Path,
+) -> None:
+    """make_trainer's embedded gang (jobs.lean.LeanTorchConfig): a real gloo all_reduce
+    across 2 workers, while the controller has not loaded torch at all."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.finetune import _lean_backend, _lean_callbacks, _lean_controller
+    from jobs.lean import LeanTorchConfig
+
+    trainer = TorchTrainer(
+        _all_reduce,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(name=".train", storage_path=str(tmp_path)),
+    )
+    _lean_callbacks(trainer, state_api=False)
+    _lean_controller(trainer)
+    _lean_backend(trainer)
+    assert isinstance(trainer.train_run_context.backend_config, LeanTorchConfig)
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for seen in ranks:
+        assert seen["world"] == 2 and seen["backend"] == "gloo"
+        assert seen["sum"] == 3.0  # 1 + 2: both ranks took part
+        assert seen["controllers_with_torch"] == [False]  # one controller, no torch in it
+
+
+def test_the_lean_torch_config_is_ray_trains_with_its_values() -> None:
+    from ray.train.torch import TorchConfig
+
+    from jobs.lean import LeanTorchConfig
+
+    given = TorchConfig(backend="gloo", timeout_s=77)
+    assert LeanTorchConfig.of(given).to_dict() == given.to_dict()
+    assert LeanTorchConfig.of(given).framework == given.framework
+    assert LeanTorchConfig.of(given).train_func_context is given.train_func_context
+    with pytest.raises(ValueError, match="init_method 'tcp'"):
+        LeanTorchConfig.of(TorchConfig(init_method="tcp"))
