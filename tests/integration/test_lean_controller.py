@@ -150,16 +150,21 @@ def test_the_node_lookup_asks_the_gcs_until_the_node_is_there() -> None:
 
 
 def _controllers_with_torch() -> list[bool]:
-    """For each LeanController process on this machine: whether torch's library is
-    mapped into it (read from /proc)."""
+    """For each LeanController of this worker's cluster (a process the same raylet
+    started: this worker's parent; other test processes run clusters of their own):
+    whether torch's library is mapped into it (read from /proc)."""
+    raylet = str(os.getppid())
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            maps = Path(f"/proc/{pid}/maps").read_text() if b"LeanController" in cmdline else ""
+            if not cmdline.startswith(b"ray::LeanController"):
+                continue
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:
             continue
-        if cmdline.startswith(b"ray::LeanController"):
+        if stat[stat.rindex(")") + 2 :].split()[1] == raylet:  # (its parent's pid)
             found.append("libtorch" in maps)
     return found
 
