@@ -82,7 +82,8 @@ class LeanTorchConfig(BackendConfig):
             raise ValueError(
                 f"LeanTorchConfig: init_method {given.init_method!r}; only 'env' is supported"
             )
-        return cls(backend=given.backend or "gloo", init_method="env", timeout_s=given.timeout_s)
+        # (TorchTrainer has filled in its backend: nccl with GPUs, else gloo)
+        return cls(backend=given.backend, init_method="env", timeout_s=given.timeout_s)
 
     @property
     def backend_cls(self) -> type[Backend]:
