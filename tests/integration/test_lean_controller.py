@@ -149,24 +149,17 @@ def test_the_node_lookup_asks_the_gcs_until_the_node_is_there() -> None:
     assert asked[-1] == (gcs, absent)
 
 
-def _controllers_with_torch() -> list[bool]:
-    """For each LeanController of this worker's cluster (a process the same raylet
-    started: this worker's parent; other test processes run clusters of their own):
-    whether torch's library is mapped into it (read from /proc)."""
-    raylet = str(os.getppid())
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if not cmdline.startswith(b"ray::LeanController"):
-                continue
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            maps = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue
-        if stat[stat.rindex(")") + 2 :].split()[1] == raylet:  # (its parent's pid)
-            found.append("libtorch" in maps)
-    return found
+def _own_controller() -> tuple[str, bool]:
+    """This fit's own controller (the actor Ray Train's context names, found by its pid
+    in the GCS's actor table; a controller of an earlier fit may still be exiting):
+    its process name and whether torch's library is mapped into it (read from /proc)."""
+    import ray
+    from ray.train.v2._internal.execution.context import get_train_context
+
+    actor = get_train_context().controller_actor
+    pid = ray._private.state.actors(actor._actor_id.hex())["Pid"]
+    name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    return name, "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
 def _all_reduce(config: dict[str, Any]) -> None:
@@ -182,7 +175,7 @@ def _all_reduce(config: dict[str, Any]) -> None:
         "rank": dist.get_rank(),
         "backend": dist.get_backend(),
         "sum": total.item(),
-        "controllers_with_torch": _controllers_with_torch(),
+        "controller": _own_controller(),
     }
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
 
@@ -191,7 +184,12 @@ def test_the_lean_torch_backend_sets_up_the_process_group_without_torch_in_the_c
     tmp_path: Path,
 ) -> None:
     """make_trainer's embedded gang (jobs.lean.LeanTorchConfig): a real gloo all_reduce
-    across 2 workers, while the controller has not loaded torch at all."""
+    across 2 workers, while the controller has not loaded torch at all.
+
+    It is this fit's own controller that is looked at: under `-n 2` a LeanController of an
+    earlier fit on this cluster was once still exiting and was counted too (a decoy of that
+    name, with torch loaded, stands in for it here)."""
+    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -209,13 +207,24 @@ def test_the_lean_torch_backend_sets_up_the_process_group_without_torch_in_the_c
     _lean_controller(trainer)
     _lean_backend(trainer)
     assert isinstance(trainer.train_run_context.backend_config, LeanTorchConfig)
+
+    class LeanController:  # (named as an earlier fit's controller that is still exiting)
+        def load_torch(self) -> bool:
+            import torch
+
+            return torch.tensor(1.0).item() == 1.0
+
+    decoy = ray.remote(num_cpus=0)(LeanController).remote()
+    assert ray.get(decoy.load_torch.remote())  # a process of that name, with torch in it
     trainer.fit()
+    ray.kill(decoy)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1]
     for seen in ranks:
         assert seen["world"] == 2 and seen["backend"] == "gloo"
         assert seen["sum"] == 3.0  # 1 + 2: both ranks took part
-        assert seen["controllers_with_torch"] == [False]  # one controller, no torch in it
+        name, has_torch = seen["controller"]
+        assert name.startswith("ray::LeanController") and not has_torch
 
 
 def test_the_lean_torch_config_is_ray_trains_with_its_values() -> None:
