@@ -10,10 +10,14 @@ blocks; instruction data) and MiniLM-L6 (the real 22.7M-parameter BERT; sequence
 classification). graft evaluates and checkpoints only at its last step, so the steady
 window stops one log interval before it. Reported:
 - steady-state steps/s (from step 10 to step steps-10, wall clock) and their ratio;
+- the same against the minimal loop with its model in training mode
+  (minimal_ds_loop_train_mode.py): the minimal loop trains the model in the eval mode
+  ``from_pretrained`` leaves it in, so MiniLM's dropout (0.1) is off there and on in
+  graft; the tiny LLaMA has no dropout;
 - time from command start to the end of the first optimizer step, and where graft's
   went (the start record's ``startup`` timeline, jobs/timeline.py).
-graft with its own embedded Ray and the plain loop run one after the other ``--repeats``
-times (each run is kept; the medians are reported: on 2 cores one run of the same code
+graft with its own embedded Ray, the plain loop and its training-mode variant run one
+after the other ``--repeats`` times (each run is kept; the medians are reported: on 2 cores one run of the same code
 moves by ±5%), then graft once more joining a `graft cluster up` cluster started
 beforehand.
 Writes runs/bench/overhead.json and overhead.md.
@@ -47,6 +51,8 @@ TINY = [
     "model.arch.num_attention_heads=8",
     "model.arch.num_key_value_heads=4",
 ]
+MINIMAL = ROOT / "tests" / "benchmarks" / "minimal_ds_loop.py"
+TRAIN_MODE = ROOT / "tests" / "benchmarks" / "minimal_ds_loop_train_mode.py"
 MODELS = {
     "tiny": ("tiny LLaMA hidden 256, 4 blocks (instruction data)", TINY, "instruction"),
     "minilm": (
@@ -109,7 +115,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
 
     # 2. graft finetune as a user runs it (its own embedded Ray) and the hand-written
     # loop under torchrun, one after the other, args.repeats times.
-    grafts, plains = [], []
+    grafts, plains, trains = [], [], []
     for i in range(args.repeats):
         run = f"graft-{name}-{i}"
         grafts.append(
@@ -118,7 +124,10 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
             )
         )
         plains.append(run_plain(work, f"{name}-{i}", work / f"spec-{name}.json", env, last))
-    graft, plain = summary(grafts), summary(plains)
+        trains.append(
+            run_plain(work, f"{name}-{i}-train", work / f"spec-{name}.json", env, last, TRAIN_MODE)
+        )
+    graft, plain, train_mode = summary(grafts), summary(plains), summary(trains)
 
     # 3. graft joining a `graft cluster up` cluster already running.
     home = work / f"home-{name}"
@@ -146,16 +155,25 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
         "graft": graft,
         "graft_joined_local_cluster": joined,
         "torchrun_deepspeed": plain,
+        "torchrun_deepspeed_train_mode": train_mode,
         "steps_per_s_ratio": graft["steps_per_s"] / plain["steps_per_s"],
         "steps_per_s_ratio_per_pair": [
             round(g["steps_per_s"] / p["steps_per_s"], 3)
             for g, p in zip(grafts, plains, strict=True)
         ],
+        "steps_per_s_ratio_vs_train_mode": graft["steps_per_s"] / train_mode["steps_per_s"],
+        "steps_per_s_ratio_vs_train_mode_per_pair": [
+            round(g["steps_per_s"] / t["steps_per_s"], 3)
+            for g, t in zip(grafts, trains, strict=True)
+        ],
     }
 
 
-def run_plain(work: Path, tag: str, spec: Path, env: dict[str, str], last: int) -> dict:
-    """The hand-written loop under torchrun, 2 processes (tests/benchmarks/minimal_ds_loop.py)."""
+def run_plain(
+    work: Path, tag: str, spec: Path, env: dict[str, str], last: int, loop: Path = MINIMAL
+) -> dict:
+    """The hand-written loop under torchrun, 2 processes (tests/benchmarks/minimal_ds_loop.py,
+    or another ``loop`` script)."""
     t0 = time.time()
     subprocess.run(
         [
@@ -164,7 +182,7 @@ def run_plain(work: Path, tag: str, spec: Path, env: dict[str, str], last: int) 
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            str(ROOT / "tests" / "benchmarks" / "minimal_ds_loop.py"),
+            str(loop),
             str(work / f"plain-{tag}.json"),
             str(spec),
         ],
@@ -236,7 +254,7 @@ def main() -> None:
             "seq_len<=": 64,
             "steps": args.steps,
             "steady_window": f"step 10 to {args.steps - 10}",
-            "repeats": f"{args.repeats} alternating runs of graft (embedded) and of the plain loop; medians",
+            "repeats": f"{args.repeats} alternating runs of graft (embedded), the plain loop and its training-mode variant; medians",
         },
         "models": results,
     }
@@ -244,19 +262,23 @@ def main() -> None:
     rows = []
     for r in results.values():
         g, j, p = r["graft"], r["graft_joined_local_cluster"], r["torchrun_deepspeed"]
+        t = r["torchrun_deepspeed_train_mode"]
+        vs_train = ", ".join(map(str, r["steps_per_s_ratio_vs_train_mode_per_pair"]))
         firsts = [run["time_to_first_step_s"] for run in g["runs"]]
         rows.append(
             f"| {r['model']} | {g['steps_per_s']:.2f} | {p['steps_per_s']:.2f} "
             f"| {r['steps_per_s_ratio']:.2f} ({', '.join(map(str, r['steps_per_s_ratio_per_pair']))}) "
+            f"| {t['steps_per_s']:.2f} | {r['steps_per_s_ratio_vs_train_mode']:.2f} ({vs_train}) "
             f"| {g['time_to_first_step_s']:.1f} ({min(firsts):.1f}-{max(firsts):.1f}) "
             f"| {j['time_to_first_step_s']:.1f} ({j['steps_per_s']:.2f} steps/s) "
             f"| {p['time_to_first_step_s']:.1f} |"
         )
     table = (
         f"Medians of {args.repeats} alternating runs (per pair; range):\n\n"
-        "| model | graft steps/s | plain steps/s | ratio (per pair) | graft first step (s) (range) "
+        "| model | graft steps/s | plain steps/s | ratio (per pair) "
+        "| plain, model.train(): steps/s | ratio to it (per pair) | graft first step (s) (range) "
         "| graft, `graft cluster up` running: first step (s) | plain first step (s) |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     timeline = "\n".join(
         f"- {r['model']}, {how}: " + ", ".join(f"{k} {v}" for k, v in r[key]["startup"].items())
